@@ -1,0 +1,204 @@
+"""`python -m storykit`: run ComfyUI workflows headless through the real host executor, and make test models."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+from . import convert as conv
+from .host import PACK_DIR, HostNotFound
+
+DEMO_WORKFLOW = PACK_DIR / "workflows" / "storykit_sd15_basic.json"
+CHECKPOINT_LOADERS = {"CheckpointLoaderSimple", "CheckpointLoader|pysssss"}
+TINY_LOADER = "StoryKitDevTinyCheckpoint"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STORYKIT_CACHE") or Path.home() / ".cache" / "storykit")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m storykit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                       help="override an input; NODE is a node id or title, VALUE is JSON or text (repeatable)")
+        p.add_argument("--models", help="a models folder laid out like ComfyUI/models (checkpoints/, loras/, ...)")
+        p.add_argument("--output", default=None, help="where Save nodes write (default: the host's output folder)")
+        p.add_argument("--input", default=None, help="where Load Image nodes read (default: the host's input folder)")
+        p.add_argument("--ckpt", help="use this checkpoint file name (or path) in every Load Checkpoint node")
+        p.add_argument("--tiny-model", choices=["sd15", "sdxl"],
+                       help="replace every Load Checkpoint node by a small random-weight model (seconds on a CPU)")
+        p.add_argument("--repeat", type=int, default=1,
+                       help="queue the workflow N times, applying seed controls (increment/randomize) in between")
+        p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--verbose", action="store_true", help="show the host's log")
+
+    run = sub.add_parser("run", help="execute a workflow (.json in UI or API format, or a ComfyUI .png)")
+    run.add_argument("workflow")
+    common(run)
+
+    demo = sub.add_parser("demo", help="run the shipped example on a random-weight SD1.5 model (or --ckpt)")
+    common(demo)
+
+    convert = sub.add_parser("convert", help="turn a front-end workflow into the API format")
+    convert.add_argument("workflow")
+    convert.add_argument("-o", "--out", help="file to write (default: stdout)")
+    convert.add_argument("--verbose", action="store_true")
+
+    make = sub.add_parser("make-test-model", help="write the full-size random-weight SD1.5 checkpoint")
+    make.add_argument("--models", default=None, help="models folder (default: the StoryKit cache)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "make-test-model":
+            return _make_test_model(args)
+        if args.command == "convert":
+            return _convert(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _run(args, args.workflow)
+    except (conv.WorkflowError, HostNotFound) as exc:
+        sys.stderr.write(f"storykit: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("storykit: cancelled\n")
+        return 130
+
+
+def _boot(args):
+    from . import host
+    models = getattr(args, "models", None)
+    return host.boot(models_dir=models, output_dir=getattr(args, "output", None),
+                     input_dir=getattr(args, "input", None))
+
+
+def _make_test_model(args) -> int:
+    from . import testmodels
+    models = Path(args.models) if args.models else cache_dir() / "models"
+    _boot(argparse.Namespace(models=str(models)))
+    path = testmodels.write_random_sd15_checkpoint(models / "checkpoints", seed=args.seed)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _convert(args) -> int:
+    h = _boot(args)
+    converted = conv.to_api(conv.load_workflow_file(args.workflow), conv.host_input_specs(h.nodes.NODE_CLASS_MAPPINGS))
+    text = json.dumps(converted.prompt, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def _demo(args) -> int:
+    if not args.ckpt and not args.tiny_model:
+        from . import testmodels
+        models = Path(args.models) if args.models else cache_dir() / "models"
+        args.models = str(models)
+        _boot(args)
+        sys.stderr.write("storykit: no --ckpt given: using a random-weight SD1.5 checkpoint (the pictures are noise)\n")
+        testmodels.write_random_sd15_checkpoint(models / "checkpoints")
+        args.ckpt = testmodels.RANDOM_SD15_NAME
+    if args.output is None:
+        args.output = str(Path.cwd() / "output")
+    return _run(args, str(DEMO_WORKFLOW))
+
+
+def _run(args, workflow: str) -> int:
+    from . import execute
+    h = _boot(args)
+    specs = conv.host_input_specs(h.nodes.NODE_CLASS_MAPPINGS)
+    converted = conv.to_api(conv.load_workflow_file(workflow), specs)
+    prompt = converted.prompt
+    if args.ckpt:
+        _use_checkpoint(h, prompt, args.ckpt)
+    if args.tiny_model:
+        register_tiny_loader(h.nodes)
+        for entry in prompt.values():
+            if entry["class_type"] in CHECKPOINT_LOADERS:
+                entry["class_type"] = TINY_LOADER
+                entry["inputs"] = {"kind": args.tiny_model}
+    conv.apply_overrides(prompt, args.overrides)
+    if args.save_api:
+        Path(args.save_api).write_text(json.dumps(prompt, indent=2) + "\n", encoding="utf-8")
+    rng = random.Random()
+    for index in range(max(1, args.repeat)):
+        if index:
+            conv.apply_controls(prompt, converted.controls, rng)
+        try:
+            result = execute.run_prompt(h, prompt, quiet=args.quiet)
+        except execute.PromptFailed as exc:
+            sys.stderr.write(f"storykit: {exc}\n")
+            return 1
+        for line in _saved_files(h, result.outputs):
+            sys.stdout.write(line + "\n")
+        if not args.quiet:
+            sys.stderr.write(f"storykit: run {index + 1} finished in {result.seconds:.1f} s\n")
+    return 0
+
+
+def _use_checkpoint(h, prompt: dict, ckpt: str) -> None:
+    path = Path(ckpt).expanduser()
+    if path.is_file():
+        h.folder_paths.add_model_folder_path("checkpoints", str(path.resolve().parent))
+        ckpt = path.name
+    elif ckpt not in h.folder_paths.get_filename_list("checkpoints"):
+        raise conv.WorkflowError(f"--ckpt {ckpt}: no such file, and no checkpoint of that name in "
+                                 + ", ".join(h.folder_paths.get_folder_paths("checkpoints")))
+    loaders = [e for e in prompt.values() if e["class_type"] in CHECKPOINT_LOADERS]
+    if not loaders:
+        raise conv.WorkflowError("--ckpt: this workflow has no Load Checkpoint node to apply it to")
+    for entry in loaders:
+        entry["inputs"]["ckpt_name"] = ckpt
+
+
+def _saved_files(h, outputs: dict) -> list[str]:
+    lines = []
+    for ui in outputs.values():
+        for item in (ui or {}).get("images", []) if isinstance(ui, dict) else []:
+            if isinstance(item, dict) and item.get("type") == "output":
+                base = Path(h.folder_paths.get_output_directory())
+                lines.append(str(base / item.get("subfolder", "") / item["filename"]))
+    return lines
+
+
+def register_tiny_loader(nodes_module) -> None:
+    """A development-only loader node that hands out the seeded tiny models (never part of the pack's node list)."""
+    if TINY_LOADER in nodes_module.NODE_CLASS_MAPPINGS:
+        return
+    from comfy_api.latest import io
+
+    from . import testmodels
+
+    class TinyCheckpoint(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(
+                node_id="StoryKitDevTinyCheckpoint", display_name="Tiny random checkpoint (StoryKit dev)",
+                category="StoryKit/dev",
+                inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"]), io.Int.Input("seed", default=0)],
+                outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+        @classmethod
+        def execute(cls, kind, seed=0):
+            model, clip, vae = testmodels.tiny_models(kind, seed)
+            return io.NodeOutput(model.clone(), clip.clone(), vae)
+
+    nodes_module.NODE_CLASS_MAPPINGS[TINY_LOADER] = TinyCheckpoint
+    nodes_module.NODE_DISPLAY_NAME_MAPPINGS[TINY_LOADER] = "Tiny random checkpoint (StoryKit dev)"

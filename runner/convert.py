@@ -1,0 +1,348 @@
+"""Turn a workflow saved by the ComfyUI front end (nodes + links + widgets_values) into the API prompt format.
+
+Follows the front end's own graph-to-prompt rules: muted nodes vanish together with the inputs that read them,
+bypassed nodes pass an input of the same type through, Reroute and Note nodes are virtual, a PrimitiveNode's value
+lands in the widget it drives, and a seed widget's "control after generate" value is kept so repeated runs can
+increment or randomise it the way the front end does between queued prompts.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MODE_MUTED = 2
+MODE_BYPASS = 4
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+UPLOAD_FLAGS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio"}
+NOTE_TYPES = {"Note", "MarkdownNote"}
+REROUTE_TYPES = {"Reroute"}
+PRIMITIVE_TYPE = "PrimitiveNode"
+# The front end caps random seeds here (2**50), well inside every seed widget's max.
+RANDOM_SEED_MAX = 1125899906842624
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot be turned into a prompt; the message says what to change."""
+
+
+@dataclass
+class InputSpec:
+    name: str
+    type: Any
+    options: dict
+
+    @property
+    def is_widget(self) -> bool:
+        if self.options.get("forceInput"):
+            return False
+        return isinstance(self.type, list) or self.type in WIDGET_TYPES
+
+
+@dataclass
+class Control:
+    """A widget whose value the front end changes after each queued prompt."""
+    node_id: str
+    input_name: str
+    mode: str
+    minimum: float | None
+    maximum: float | None
+    step: float = 1
+    targets: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Converted:
+    prompt: dict
+    controls: list[Control]
+
+
+InputSpecs = Callable[[str], "list[InputSpec] | None"]
+
+
+def host_input_specs(node_class_mappings: dict) -> InputSpecs:
+    """Input definitions read from the host's registered node classes, in the order the front end lays widgets."""
+    def specs(class_type: str) -> list[InputSpec] | None:
+        cls = node_class_mappings.get(class_type)
+        if cls is None:
+            return None
+        types = cls.INPUT_TYPES()
+        out = []
+        for section in ("required", "optional"):
+            for name, value in (types.get(section) or {}).items():
+                kind = value[0] if isinstance(value, (tuple, list)) and value else value
+                opts = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 and isinstance(value[1], dict) else {}
+                out.append(InputSpec(name, kind, opts))
+        return out
+    return specs
+
+
+def load_workflow_file(path: str | Path) -> dict:
+    """Read a workflow from .json, or from the text chunks ComfyUI writes into the PNGs it saves."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkflowError(f"workflow file {path} does not exist")
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+        with Image.open(path) as img:
+            text = img.info.get("workflow") or img.info.get("prompt")
+        if not text:
+            raise WorkflowError(f"{path} carries no ComfyUI workflow (no 'workflow' or 'prompt' text chunk)")
+        return json.loads(text)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def is_api_format(data: dict) -> bool:
+    return bool(data) and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+
+
+def to_api(data: dict, specs: InputSpecs) -> Converted:
+    """Any workflow shape (UI, API, or a /prompt request body) -> API prompt plus the seed controls."""
+    if "prompt" in data and isinstance(data["prompt"], dict) and is_api_format(data["prompt"]):
+        data = data["prompt"]
+    if is_api_format(data):
+        return Converted(json.loads(json.dumps(data)), [])
+    if "nodes" not in data or "links" not in data:
+        raise WorkflowError("not a ComfyUI workflow: expected the front end's format (nodes, links) or the API "
+                            "format ({id: {class_type, inputs}})")
+    return _UiGraph(data, specs).convert()
+
+
+def _link_tuple(link) -> tuple:
+    if isinstance(link, dict):
+        return (link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                link.get("type"))
+    return tuple(link[:6])
+
+
+class _UiGraph:
+    def __init__(self, data: dict, specs: InputSpecs):
+        if (data.get("definitions") or {}).get("subgraphs"):
+            raise WorkflowError("this workflow contains subgraphs, which the runner does not flatten yet: "
+                                "unpack them in the front end (right-click > Unpack Subgraph) or export the API format")
+        self.specs = specs
+        self.nodes = {str(n["id"]): n for n in data["nodes"]}
+        self.links = {}
+        for raw in data["links"]:
+            link_id, origin, oslot, target, tslot, ltype = _link_tuple(raw)
+            self.links[link_id] = (str(origin), int(oslot), str(target), int(tslot), ltype)
+
+    def convert(self) -> Converted:
+        self._check_missing()
+        prompt: dict[str, dict] = {}
+        controls: list[Control] = []
+        for node_id, node in self.nodes.items():
+            ntype = node["type"]
+            if ntype in NOTE_TYPES or ntype in REROUTE_TYPES or ntype == PRIMITIVE_TYPE:
+                if ntype == PRIMITIVE_TYPE:
+                    controls.extend(self._primitive_control(node_id, node))
+                continue
+            if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
+                continue
+            inputs, node_controls = self._widget_inputs(node_id, node)
+            controls.extend(node_controls)
+            for slot in node.get("inputs") or []:
+                if slot.get("link") is None:
+                    continue
+                source = self._resolve(slot["link"], slot.get("type"))
+                name = slot.get("widget", {}).get("name") or slot["name"]
+                if source is None:
+                    inputs.pop(name, None)
+                elif source[0] == "value":
+                    inputs[name] = source[1]
+                else:
+                    inputs[name] = [source[1], source[2]]
+            entry = {"class_type": ntype, "inputs": inputs}
+            title = node.get("title")
+            if title:
+                entry["_meta"] = {"title": title}
+            prompt[node_id] = entry
+        # The front end drops links to nodes that did not make it into the prompt (muted ones).
+        for entry in prompt.values():
+            for name, value in list(entry["inputs"].items()):
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in prompt:
+                    del entry["inputs"][name]
+        for control in controls:
+            control.targets = [t for t in control.targets if t[0] in prompt]
+        return Converted(prompt, [c for c in controls if c.targets])
+
+    def _check_missing(self) -> None:
+        missing = sorted({n["type"] for n in self.nodes.values()
+                          if n["type"] not in NOTE_TYPES | REROUTE_TYPES | {PRIMITIVE_TYPE}
+                          and n.get("mode", 0) != MODE_MUTED and self.specs(n["type"]) is None})
+        if missing:
+            raise MissingNodes(missing)
+
+    def _widget_inputs(self, node_id: str, node: dict) -> tuple[dict, list[Control]]:
+        specs = self.specs(node["type"]) or []
+        values = node.get("widgets_values")
+        inputs: dict[str, Any] = {}
+        controls: list[Control] = []
+        if isinstance(values, dict):  # some packs save widgets by name
+            for spec in specs:
+                if spec.is_widget and spec.name in values:
+                    inputs[spec.name] = _dynamic_prompt(spec, values[spec.name])
+            return inputs, controls
+        values = list(values or [])
+        pos = 0
+        for spec in specs:
+            if not spec.is_widget:
+                continue
+            if pos >= len(values):
+                break
+            inputs[spec.name] = _dynamic_prompt(spec, values[pos])
+            pos += 1
+            if spec.options.get("control_after_generate") and pos < len(values) and values[pos] in CONTROL_VALUES:
+                controls.append(Control(node_id, spec.name, values[pos], spec.options.get("min"),
+                                        spec.options.get("max"), spec.options.get("step", 1) or 1,
+                                        [(node_id, spec.name)]))
+                pos += 1
+            for flag, marker in UPLOAD_FLAGS.items():
+                if spec.options.get(flag) and pos < len(values) and values[pos] == marker:
+                    pos += 1
+        return inputs, controls
+
+    def _primitive_control(self, node_id: str, node: dict) -> list[Control]:
+        values = node.get("widgets_values") or []
+        if len(values) < 2 or values[1] not in CONTROL_VALUES:
+            return []
+        targets = []
+        for link_id in (node.get("outputs") or [{}])[0].get("links") or []:
+            link = self.links.get(link_id)
+            if link is None:
+                continue
+            target = self.nodes.get(link[2])
+            if target is None or target.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
+                continue
+            slot = target["inputs"][link[3]]
+            targets.append((link[2], slot.get("widget", {}).get("name") or slot["name"]))
+        spec_opts = self._target_options(targets)
+        return [Control(node_id, "value", values[1], spec_opts.get("min"), spec_opts.get("max"),
+                        spec_opts.get("step", 1) or 1, targets)]
+
+    def _target_options(self, targets) -> dict:
+        for node_id, name in targets:
+            for spec in self.specs(self.nodes[node_id]["type"]) or []:
+                if spec.name == name:
+                    return spec.options
+        return {}
+
+    def _resolve(self, link_id, wanted_type):
+        """Follow a link back through reroutes, primitives and bypassed nodes, as the front end does."""
+        seen = set()
+        while True:
+            if link_id in seen:
+                raise WorkflowError(f"link {link_id} loops through reroutes or bypassed nodes")
+            seen.add(link_id)
+            link = self.links.get(link_id)
+            if link is None:
+                return None
+            origin_id, origin_slot = link[0], link[1]
+            origin = self.nodes.get(origin_id)
+            if origin is None:
+                return None
+            otype = origin["type"]
+            if otype == PRIMITIVE_TYPE:
+                values = origin.get("widgets_values") or []
+                return ("value", values[0]) if values else None
+            if otype in REROUTE_TYPES:
+                link_id = (origin.get("inputs") or [{}])[0].get("link")
+                if link_id is None:
+                    return None
+                continue
+            mode = origin.get("mode", 0)
+            if mode == MODE_MUTED:
+                return None
+            if mode == MODE_BYPASS:
+                link_id = _bypass_input(origin, origin_slot, wanted_type)
+                if link_id is None:
+                    return None
+                continue
+            return ("link", origin_id, origin_slot)
+
+
+def _bypass_input(node: dict, origin_slot: int, wanted_type) -> Any:
+    """The input a bypassed node hands on: the one at the output's index if its type matches, else the first match."""
+    inputs = node.get("inputs") or []
+    order = ([origin_slot] if origin_slot < len(inputs) else []) + list(range(len(inputs)))
+    for index in order:
+        if inputs[index].get("type") == wanted_type:
+            return inputs[index].get("link")
+    return None
+
+
+class MissingNodes(WorkflowError):
+    def __init__(self, types: list[str]):
+        self.types = types
+        super().__init__("the workflow uses node types this ComfyUI does not have: " + ", ".join(types)
+                         + ". Install the packs that provide them (ComfyUI-Manager: Install Missing Custom Nodes), "
+                           "or remove those nodes")
+
+
+_COMMENT = re.compile(r"/\*[\s\S]*?\*/|//.*")
+_CHOICE = re.compile(r"\{([^{}]*)\}")
+
+
+def _dynamic_prompt(spec: InputSpec, value):
+    """The front end strips comments and picks one of {a|b|c} in widgets marked dynamicPrompts before queueing."""
+    if not spec.options.get("dynamicPrompts") or not isinstance(value, str):
+        return value
+    text = _COMMENT.sub("", value)
+    while True:
+        match = _CHOICE.search(text)
+        if match is None:
+            return text
+        text = text[:match.start()] + random.choice(match.group(1).split("|")) + text[match.end():]
+
+
+def apply_controls(prompt: dict, controls: list[Control], rng: random.Random) -> None:
+    """What the front end does to seed-like widgets after a prompt is queued (its default, "after")."""
+    for control in controls:
+        if control.mode == "fixed" or not control.targets:
+            continue
+        node_id, name = control.targets[0]
+        value = prompt[node_id]["inputs"].get(name)
+        if isinstance(value, list) or value is None:
+            continue
+        lo = control.minimum if control.minimum is not None else 0
+        hi = control.maximum if control.maximum is not None else RANDOM_SEED_MAX
+        if control.mode == "randomize":
+            new = rng.randint(int(lo), int(min(hi, RANDOM_SEED_MAX)))
+        elif control.mode == "increment":
+            new = min(value + control.step, hi)
+        else:
+            new = max(value - control.step, lo)
+        for target_id, target_name in control.targets:
+            if not isinstance(prompt[target_id]["inputs"].get(target_name), list):
+                prompt[target_id]["inputs"][target_name] = new
+
+
+def apply_overrides(prompt: dict, overrides: list[str]) -> None:
+    """--set NODE.INPUT=VALUE, NODE being an id or a node title; VALUE parsed as JSON when it parses."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        node_ref, dot, name = key.rpartition(".")
+        if not sep or not dot or not node_ref or not name:
+            raise WorkflowError(f"--set {item!r}: write it as NODE.INPUT=VALUE, e.g. --set 3.seed=7")
+        matches = [nid for nid, e in prompt.items() if nid == node_ref] or \
+                  [nid for nid, e in prompt.items() if (e.get("_meta") or {}).get("title") == node_ref]
+        if not matches:
+            raise WorkflowError(f"--set {item!r}: no node with id or title {node_ref!r}; ids in this workflow: "
+                                + ", ".join(sorted(prompt, key=_id_key)))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        for nid in matches:
+            prompt[nid]["inputs"][name] = value
+
+
+def _id_key(node_id: str):
+    return (0, int(node_id)) if node_id.isdigit() else (1, node_id)

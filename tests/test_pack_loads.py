@@ -1,0 +1,50 @@
+"""The pack inside the real host: it imports with no failure, and every node's schema is one the host accepts."""
+import importlib
+
+import pytest
+
+
+def test_pack_loaded_without_import_failure(host):
+    from storykit.runner import host as host_mod
+    assert host_mod.pack_load_failures() == []
+    pack = [k for k in host.nodes.NODE_CLASS_MAPPINGS if k.startswith("StoryKit")]
+    assert pack, "the host registered no StoryKit node"
+
+
+def test_every_node_module_imports(host):
+    nodes_pkg = importlib.import_module("storykit.nodes")
+    names = nodes_pkg.node_modules()
+    assert names
+    nodes_pkg.load_nodes(strict=True)
+
+
+def _pack_nodes(host):
+    from storykit.runner.host import PACK_DIR
+    out = []
+    for key, cls in host.nodes.NODE_CLASS_MAPPINGS.items():
+        if getattr(cls, "RELATIVE_PYTHON_MODULE", "").endswith("." + "storykit") or key.startswith("StoryKit"):
+            if key != "StoryKitDevTinyCheckpoint":
+                out.append((key, cls))
+    assert PACK_DIR.is_dir()
+    return out
+
+
+def test_node_schemas_are_valid(host):
+    for key, cls in _pack_nodes(host):
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id == key and key.startswith("StoryKit")
+        assert schema.category and schema.category.startswith("StoryKit"), key
+        assert schema.display_name, key
+        assert schema.description, f"{key} has no description"
+        for inp in schema.inputs:
+            assert getattr(inp, "tooltip", None), f"{key}.{inp.id} has no tooltip"
+        types = cls.INPUT_TYPES()
+        assert "required" in types
+        assert isinstance(cls.RETURN_TYPES, tuple)
+
+
+@pytest.mark.parametrize("section", ["required", "optional"])
+def test_node_inputs_have_types(host, section):
+    for key, cls in _pack_nodes(host):
+        for name, spec in (cls.INPUT_TYPES().get(section) or {}).items():
+            assert isinstance(spec, tuple) and spec, f"{key}.{name}"
