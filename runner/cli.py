@@ -61,8 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    verbose = getattr(args, "verbose", False)
+    # The host logs what this runner reports again in plainer words; its log is there with --verbose.
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("storykit").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         if args.command == "make-test-model":
             return _make_test_model(args)
@@ -133,7 +135,7 @@ def _run(args, workflow: str) -> int:
         for entry in prompt.values():
             if entry["class_type"] in CHECKPOINT_LOADERS:
                 entry["class_type"] = TINY_LOADER
-                entry["inputs"] = {"kind": args.tiny_model}
+                entry["inputs"] = {"kind": args.tiny_model, "seed": 0}
     conv.apply_overrides(prompt, args.overrides)
     if args.save_api:
         Path(args.save_api).write_text(json.dumps(prompt, indent=2) + "\n", encoding="utf-8")

@@ -77,7 +77,7 @@ def run_workflow(host):
             for entry in prompt.values():
                 if entry["class_type"] in cli.CHECKPOINT_LOADERS:
                     entry["class_type"] = cli.TINY_LOADER
-                    entry["inputs"] = {"kind": tiny_model}
+                    entry["inputs"] = {"kind": tiny_model, "seed": 0}
         conv.apply_overrides(prompt, list(overrides))
         return execute.run_prompt(host, prompt, quiet=quiet)
 
