@@ -1,5 +1,6 @@
 """The pack inside the real host: it imports with no failure, and every node's schema is one the host accepts."""
 import importlib
+import json
 
 import pytest
 
@@ -38,9 +39,11 @@ def test_node_schemas_are_valid(host):
         assert schema.description, f"{key} has no description"
         for inp in schema.inputs:
             assert getattr(inp, "tooltip", None), f"{key}.{inp.id} has no tooltip"
-        types = cls.INPUT_TYPES()
-        assert "required" in types
-        assert isinstance(cls.RETURN_TYPES, tuple)
+        # What the server's /object_info sends the front end for this node must build and be JSON.
+        info = json.loads(json.dumps(cls.GET_NODE_INFO_V1()))
+        assert info["name"] == key and info["category"] == schema.category
+        assert len(info["output"]) == len(info["output_name"]) == len(info["output_is_list"])
+        assert "required" in info["input"]
 
 
 @pytest.mark.parametrize("section", ["required", "optional"])
