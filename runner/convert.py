@@ -81,6 +81,23 @@ def host_input_specs(node_class_mappings: dict) -> InputSpecs:
     return specs
 
 
+def object_info_input_specs(object_info: dict) -> InputSpecs:
+    """Input definitions from a server's /object_info, which is what the front end itself reads."""
+    def specs(class_type: str) -> list[InputSpec] | None:
+        info = object_info.get(class_type)
+        if info is None:
+            return None
+        order = info.get("input_order") or {s: list((info["input"].get(s) or {})) for s in ("required", "optional")}
+        out = []
+        for section in ("required", "optional"):
+            for name in order.get(section, []):
+                value = info["input"][section][name]
+                opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+                out.append(InputSpec(name, value[0], opts))
+        return out
+    return specs
+
+
 def load_workflow_file(path: str | Path) -> dict:
     """Read a workflow from .json, or from the text chunks ComfyUI writes into the PNGs it saves."""
     path = Path(path)

