@@ -1,0 +1,113 @@
+"""The headless runner as a user meets it: exit codes, saved files, and errors that say what to do."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storykit.runner import cli
+from storykit.runner.host import PACK_DIR
+
+BASIC = str(PACK_DIR / "workflows" / "storykit_sd15_basic.json")
+FAST = ["--set", "4.width=64", "--set", "4.height=64", "--set", "5.steps=2"]
+
+
+def test_run_saves_images_and_exits_zero(host, tmp_path, capsys):
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet",
+                   "--save-api", str(tmp_path / "api.json"), *FAST])
+    out = capsys.readouterr().out.split()
+    assert rc == 0
+    assert len(out) == 1 and Path(out[0]).is_file() and Path(out[0]).parent.parent == tmp_path
+    api = json.loads((tmp_path / "api.json").read_text())
+    assert api["5"]["inputs"]["steps"] == 2 and api["1"]["class_type"] == cli.TINY_LOADER
+
+
+def test_repeat_applies_seed_controls(host, tmp_path, capsys):
+    wf = json.loads(Path(BASIC).read_text())
+    next(n for n in wf["nodes"] if n["id"] == 5)["widgets_values"][1] = "increment"
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    rc = cli.main(["run", str(path), "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet", "--repeat", "2",
+                   *FAST])
+    files = capsys.readouterr().out.split()
+    assert rc == 0 and len(files) == 2
+    from PIL import Image
+    seeds = [json.loads(Image.open(f).info["prompt"])["5"]["inputs"]["seed"] for f in files]
+    assert seeds == [42, 43]
+
+
+def test_missing_model_names_the_file_and_the_fix(host, tmp_path, capsys):
+    rc = cli.main(["run", BASIC, "--output", str(tmp_path), "--quiet", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "v1-5-pruned-emaonly-fp16.safetensors" in err and "--models" in err
+
+
+def test_missing_node_type_is_reported(host, tmp_path, capsys):
+    wf = json.loads(Path(BASIC).read_text())
+    wf["nodes"][0]["type"] = "NotInstalledLoader"
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    assert cli.main(["run", str(path), "--quiet"]) == 2
+    assert "NotInstalledLoader" in capsys.readouterr().err
+
+
+def test_failing_node_exits_one(host, tmp_path, capsys):
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 0}},
+              "2": {"class_type": "StoryKitComicLayout",
+                    "inputs": {"frames": ["1", 0], "layout": "grid", "panels_per_page": 0, "page_width": 256,
+                               "margin": 0, "gutter": 0, "border": 0, "caption_mode": "none", "font_size": 12,
+                               "background": "not-a-colour", "ink": "black"}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps(prompt))
+    assert cli.main(["run", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "StoryKitComicLayout" in err and "background" in err
+
+
+def test_bad_override_and_missing_file(host, capsys):
+    assert cli.main(["run", BASIC, "--tiny-model", "sd15", "--set", "nonsense"]) == 2
+    assert "NODE.INPUT=VALUE" in capsys.readouterr().err
+    assert cli.main(["run", "/nonexistent/workflow.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point(tmp_path):
+    """`python -m storykit` in a fresh process: argument errors and conversion without running anything."""
+    import storykit
+    env = dict(os.environ)
+    link_dir = str(Path(storykit.__file__).parent.parent)  # the folder in which `storykit` names this checkout
+    env["PYTHONPATH"] = os.pathsep.join([link_dir, env.get("PYTHONPATH", "")])
+    out = tmp_path / "api.json"
+    proc = subprocess.run([sys.executable, "-m", "storykit", "convert", BASIC, "-o", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["5"]["class_type"] == "KSampler"
+    proc = subprocess.run([sys.executable, "-m", "storykit"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((PACK_DIR / "workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_every_shipped_workflow_runs_headless(host, run_workflow, path):
+    """Each example validates and runs on a tiny model of its family, at a small size and few steps."""
+    data = json.loads(path.read_text())
+    from storykit.runner import convert as conv
+    assert not conv.is_api_format(data), "ship workflows in the front end's format so the template browser opens them"
+    kind = "sdxl" if "sdxl" in path.stem else "sd15"
+    specs = conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)
+    prompt = conv.to_api(data, specs).prompt
+    overrides = []
+    for node_id, entry in prompt.items():
+        for name, value in entry["inputs"].items():
+            if name in ("width", "height") and isinstance(value, int) and value > 64:
+                overrides.append(f"{node_id}.{name}=64")
+            if name == "steps" and isinstance(value, int) and value > 2 and entry["class_type"] in SAMPLERS:
+                overrides.append(f"{node_id}.{name}=2")
+    result = run_workflow(data, tiny_model=kind, overrides=overrides)
+    assert result.ran
+
+
+SAMPLERS = {"KSampler", "KSamplerAdvanced", "BasicScheduler", "StoryKitStorySampler"}
