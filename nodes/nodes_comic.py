@@ -111,7 +111,7 @@ class ComicLayout(io.ComfyNode):
         pages = lay.compose_pages(frames[..., :3].float().cpu(), height, page_width, layouts, bg, border, ink_rgb)
         if caption_mode != "none":
             drawn = []
-            for page, panels in zip(pages, layouts):
+            for page, panels in zip(pages, layouts, strict=True):
                 img = Image.fromarray((page.numpy() * 255).round().astype(np.uint8))
                 draw_captions(img, panels, caption_list, caption_mode, font_size,
                               tuple(round(c * 255) for c in ink_rgb), tuple(round(c * 255) for c in bg))

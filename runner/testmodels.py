@@ -152,7 +152,6 @@ def tiny_models(kind: str = "sd15", seed: int = 0):
 def write_random_sd15_checkpoint(folder: str | os.PathLike, seed: int = 0, name: str = RANDOM_SD15_NAME) -> Path:
     """Write a full-size SD1.5 checkpoint (fp16, about 2 GB) if it is not there yet; return its path."""
     import safetensors.torch
-    import torch
     folder = Path(folder)
     target = folder / name
     if target.is_file():

@@ -66,7 +66,7 @@ class Graph:
         if class_type in self.mappings:
             cls = self.mappings[class_type]
             names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-            for index, (rtype, name) in enumerate(zip(cls.RETURN_TYPES, names)):
+            for index, (rtype, name) in enumerate(zip(cls.RETURN_TYPES, names, strict=True)):
                 outputs.append({"name": name, "type": _type_name(rtype), "links": [], "slot_index": index})
         node_id = len(self.nodes) + 1
         if pos is None:

@@ -36,7 +36,7 @@ def test_compose_puts_each_frame_in_its_panel():
     height, layouts = lay.page_geometry([[3]], 32, 32, 3 * 40 + 20, 10, 0, 0, "strip")
     pages = lay.compose_pages(frames, height, 140, layouts, (1.0, 1.0, 1.0), 0, (0.0, 0.0, 0.0))
     assert pages.shape == (1, height, 140, 3)
-    for p, value in zip(layouts[0], (0.1, 0.5, 0.9)):
+    for p, value in zip(layouts[0], (0.1, 0.5, 0.9), strict=True):
         assert torch.allclose(pages[0, p.y:p.y + p.h, p.x:p.x + p.w], torch.tensor(value), atol=1e-5)
     assert torch.all(pages[0, :10] == 1.0)  # margin keeps the background
 
