@@ -41,6 +41,7 @@ class _TerminalServer:
         self.executed: set[str] = set()
         self.error: dict | None = None
         self._line = False
+        self._last_tenth: dict = {}
 
     def send_sync(self, event, data, sid=None):
         if event == "executing" and data.get("node") is not None:
@@ -64,14 +65,19 @@ class _TerminalServer:
         entry = self.prompt.get(str(node_id), {})
         label = (entry.get("_meta") or {}).get("title") or entry.get("class_type", "?")
         text = f"[{node_id}] {label}"
+        tty = self.stream.isatty()
         if progress and progress[1]:
             value, total = progress
+            tenth = int(10 * value / total)
+            if not tty and tenth == self._last_tenth.get(node_id) and value != total:
+                return  # a log file gets a line per tenth of the way, not one per step
+            self._last_tenth[node_id] = tenth
             width = 30
             filled = int(width * value / total)
             text += f" |{'#' * filled}{'.' * (width - filled)}| {value}/{total}"
-        self.stream.write("\r\033[K" + text if self.stream.isatty() else text + "\n")
+        self.stream.write("\r\033[K" + text if tty else text + "\n")
         self.stream.flush()
-        self._line = self.stream.isatty()
+        self._line = tty
 
     def finish(self):
         if self._line:
