@@ -204,5 +204,6 @@ def register_tiny_loader(nodes_module) -> None:
             model, clip, vae = testmodels.tiny_models(kind, seed)
             return io.NodeOutput(model.clone(), clip.clone(), vae)
 
+    TinyCheckpoint.RELATIVE_PYTHON_MODULE = "storykit.runner"
     nodes_module.NODE_CLASS_MAPPINGS[TINY_LOADER] = TinyCheckpoint
     nodes_module.NODE_DISPLAY_NAME_MAPPINGS[TINY_LOADER] = "Tiny random checkpoint (StoryKit dev)"

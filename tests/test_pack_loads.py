@@ -23,7 +23,7 @@ def _pack_nodes(host):
     from storykit.runner.host import PACK_DIR
     out = []
     for key, cls in host.nodes.NODE_CLASS_MAPPINGS.items():
-        if getattr(cls, "RELATIVE_PYTHON_MODULE", "").endswith("." + "storykit") or key.startswith("StoryKit"):
+        if (getattr(cls, "RELATIVE_PYTHON_MODULE", None) or "").endswith(".storykit") or key.startswith("StoryKit"):
             if key != "StoryKitDevTinyCheckpoint":
                 out.append((key, cls))
     assert PACK_DIR.is_dir()
