@@ -204,12 +204,14 @@ class IPCAState:
     def __init__(self, identity: StoryIdentity, exact: bool, dropout: float, seed: int):
         self.identity, self.exact, self.dropout, self.seed = identity, exact, dropout, seed
         self.generator: torch.Generator | None = None
+        self.bias_cache: dict[tuple, torch.Tensor] = {}
 
     def on_pre_run(self, patcher=None):
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def on_cleanup(self, patcher=None):
         self.generator = None
+        self.bias_cache.clear()
 
     def keep(self, shape, columns: torch.Tensor) -> torch.Tensor | None:
         if self.dropout <= 0.0:
@@ -230,35 +232,32 @@ class IPCAState:
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         kwargs = {"attn_precision": extra_options.get("attn_precision"), "transformer_options": extra_options}
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        per = q.shape[0] // len(chunks)
-        cond = [i for c, kind in enumerate(chunks) if kind == 0 for i in range(c * per, (c + 1) * per)]
         ident = self.identity
-        if self.exact:
-            length = k.shape[1] // (ident.context_length + ident.identity_count) * ident.context_length
-        else:
-            length = k.shape[1]
-        plain_k, plain_v = k[:, :length].contiguous(), v[:, :length].contiguous()
-        if len(cond) == 0:
-            return host_attention.optimized_attention(q, plain_k, plain_v, heads, **kwargs)
-        if self.exact:
-            out_c = self._concatenated(q[cond], k[cond], v[cond], length, heads, kwargs)
-        else:
-            out_c = self._biased(q[cond], plain_k[cond], plain_v[cond], heads, kwargs)
-        if len(cond) == q.shape[0]:
-            return out_c
-        uncond = [i for i in range(q.shape[0]) if i not in set(cond)]
-        out = torch.empty_like(q[:, :, :v.shape[-1]])
-        out[uncond] = host_attention.optimized_attention(q[uncond], plain_k[uncond], plain_v[uncond], heads,
-                                                         **kwargs)
-        out[cond] = out_c
-        return out
+        length = k.shape[1]
+        if self.exact:      # the attn2 patch appended P0 once per context copy
+            length = length // (ident.context_length + ident.identity_count) * ident.context_length
+        outs = []
+        for kind, rows in row_runs(extra_options.get("cond_or_uncond") or [0], q.shape[0]):
+            if kind != 0:   # uncond: exactly what the unpatched layer computes
+                outs.append(host_attention.optimized_attention(q[rows], k[rows, :length], v[rows, :length], heads,
+                                                               **kwargs))
+            elif self.exact:
+                outs.append(self._concatenated(q[rows], k[rows], v[rows], length, heads, kwargs))
+            else:
+                outs.append(self._biased(q[rows], k[rows], v[rows], heads, kwargs))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _biased(self, q, k, v, heads, kwargs):
-        columns = ops.identity_columns(k.shape[1], self.identity.identity_count, self.identity.context_length)
-        keep = self.keep((q.shape[0], 1, q.shape[1], k.shape[1]), columns)
-        bias = ops.ipca_bias(columns, keep, dtype=q.dtype).to(q.device)
-        mask = bias.view(1, 1, 1, -1) if keep is None else bias
+        key = (k.shape[1], q.dtype, q.device)
+        if self.dropout > 0.0:
+            columns = ops.identity_columns(k.shape[1], self.identity.identity_count, self.identity.context_length)
+            keep = self.keep((q.shape[0], 1, q.shape[1], k.shape[1]), columns)
+            mask = ops.ipca_bias(columns, keep, dtype=q.dtype).to(q.device)
+        elif key in self.bias_cache:
+            mask = self.bias_cache[key]
+        else:
+            columns = ops.identity_columns(k.shape[1], self.identity.identity_count, self.identity.context_length)
+            mask = self.bias_cache[key] = ops.ipca_bias(columns, dtype=q.dtype).to(q.device).view(1, 1, 1, -1)
         return host_attention.optimized_attention_masked(q, k, v, heads, mask=mask, **kwargs)
 
     def _concatenated(self, q, k, v, length, heads, kwargs):
@@ -268,6 +267,18 @@ class IPCAState:
         keep = self.keep((q.shape[0], 1, q.shape[1], k.shape[1]), appended)
         mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf")).to(q.device)
         return host_attention.optimized_attention_masked(q, k, v, heads, mask=mask, **kwargs)
+
+
+def row_runs(cond_or_uncond: list[int], batch: int) -> list[tuple[int, slice]]:
+    """The batch as runs of consecutive rows of one kind (0 cond, 1 uncond), as slices: no copies."""
+    per = batch // len(cond_or_uncond)
+    runs: list[tuple[int, slice]] = []
+    for index, kind in enumerate(cond_or_uncond):
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, slice(runs[-1][1].start, (index + 1) * per))
+        else:
+            runs.append((kind, slice(index * per, (index + 1) * per)))
+    return runs
 
 
 def cross_attention_blocks(diffusion_model) -> list[tuple[str, int, int]]:
