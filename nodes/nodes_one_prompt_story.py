@@ -89,6 +89,43 @@ def frame_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+@dataclass
+class Story:
+    """The consolidated prompts of a story: per frame its FramePrompt, assembled tokens, token sets and text."""
+    frames: list[str]
+    identity: dict[str, list]
+    identity_len: int
+    plan: list[ops.FramePrompt]
+    tokens: list[dict[str, list]]
+    sets: list[ops.TokenSets]
+    texts: list[str]
+
+
+def plan_story(clip, identity_prompt: str, frame_prompts: str, window: int) -> Story:
+    """Tokenize P0 and each frame once on the host's tokenizer, consolidate, and assemble each frame's prompt."""
+    frames = frame_lines(frame_prompts)
+    identity_prompt = identity_prompt.strip()
+    if not identity_prompt:
+        raise ValueError(f"{ENCODER}: identity_prompt is empty; describe the character (and style) once there")
+    if not frames:
+        raise ValueError(f"{ENCODER}: frame_prompts has no lines; write one line per picture")
+    identity = content_tokens(clip, identity_prompt)
+    segments = [content_tokens(clip, f) for f in frames]
+    n0 = segment_length(identity, "the identity prompt")
+    lens = [segment_length(s, f"frame {i + 1}") for i, s in enumerate(segments)]
+    try:
+        plan = ops.consolidate(n0, lens, window)
+    except ops.StoryTooLong as e:
+        raise ValueError(f"{ENCODER}: identity_prompt ({n0} tokens) + frame {e.frame + 1} ({lens[e.frame]} tokens) "
+                         f"is {e.over} token(s) over CLIP's {ops.CONTENT_BUDGET}; shorten the identity prompt or "
+                         "that frame line") from e
+    return Story(frames, identity, n0, plan,
+                 tokens=[assemble(clip, [identity] + [segments[f] for f in fp.order]) for fp in plan],
+                 sets=[ops.token_sets(n0, lens, fp) for fp in plan],
+                 texts=[f"frame {fp.express + 1}: " + " ".join([identity_prompt] + [frames[f] for f in fp.order])
+                        for fp in plan])
+
+
 class OnePromptStoryEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -158,43 +195,6 @@ class OnePromptStoryEncode(io.ComfyNode):
         alone = encode(clip, assemble(clip, [story.identity]))["cond"][:, :story.identity_len + 1]
         info = StoryIdentity(story.identity_len + 1, ops.CONTEXT_LENGTH, alone, len(story.frames))
         return io.NodeOutput([[torch.stack(rows), extra]], info, len(story.frames), "\n".join(story.texts))
-
-
-@dataclass
-class Story:
-    """The consolidated prompts of a story: per frame its FramePrompt, assembled tokens, token sets and text."""
-    frames: list[str]
-    identity: dict[str, list]
-    identity_len: int
-    plan: list[ops.FramePrompt]
-    tokens: list[dict[str, list]]
-    sets: list[ops.TokenSets]
-    texts: list[str]
-
-
-def plan_story(clip, identity_prompt: str, frame_prompts: str, window: int) -> Story:
-    """Tokenize P0 and each frame once on the host's tokenizer, consolidate, and assemble each frame's prompt."""
-    frames = frame_lines(frame_prompts)
-    identity_prompt = identity_prompt.strip()
-    if not identity_prompt:
-        raise ValueError(f"{ENCODER}: identity_prompt is empty; describe the character (and style) once there")
-    if not frames:
-        raise ValueError(f"{ENCODER}: frame_prompts has no lines; write one line per picture")
-    identity = content_tokens(clip, identity_prompt)
-    segments = [content_tokens(clip, f) for f in frames]
-    n0 = segment_length(identity, "the identity prompt")
-    lens = [segment_length(s, f"frame {i + 1}") for i, s in enumerate(segments)]
-    try:
-        plan = ops.consolidate(n0, lens, window)
-    except ops.StoryTooLong as e:
-        raise ValueError(f"{ENCODER}: identity_prompt ({n0} tokens) + frame {e.frame + 1} ({lens[e.frame]} tokens) "
-                         f"is {e.over} token(s) over CLIP's {ops.CONTENT_BUDGET}; shorten the identity prompt or "
-                         "that frame line") from e
-    return Story(frames, identity, n0, plan,
-                 tokens=[assemble(clip, [identity] + [segments[f] for f in fp.order]) for fp in plan],
-                 sets=[ops.token_sets(n0, lens, fp) for fp in plan],
-                 texts=[f"frame {fp.express + 1}: " + " ".join([identity_prompt] + [frames[f] for f in fp.order])
-                        for fp in plan])
 
 
 # ------------------------------------------------------------------------------------------------ IPCA

@@ -269,3 +269,21 @@ def test_ksampler_with_the_shared_noise_latent_gives_identical_frames_for_identi
     stock = sampler.sample(model, 5, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
     assert (stock[0] - stock[1]).abs().max() > 0.1 * out.abs().max()
 
+
+
+def test_ipca_runs_inside_the_stock_ksampler(host, node_class, tiny_sd15):
+    model, clip, _ = tiny_sd15
+    positive, identity, n, _ = encode_story(node_class, clip, "a fox in a red scarf", ["reads", "runs"])
+    negative = [[torch.zeros_like(positive[0][0][:1]), {"pooled_output": torch.zeros_like(positive[0][1]["pooled_output"][:1])}]]
+    latent = {"samples": torch.zeros(n, 4, 8, 8), "batch_index": [0] * n}
+    sampler = host.nodes.KSampler()
+
+    def run(m, cfg=5.0):
+        return sampler.sample(m, 3, 2, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
+    plain = run(model)
+    assert (run(patched(node_class, model, identity, "bias (fast)")) - plain).abs().max() > 1e-3
+    torch.testing.assert_close(run(patched(node_class, model, identity, "bias (fast)", dropout=1.0)), plain)
+    biased1 = run(patched(node_class, model, identity, "bias (fast)"), cfg=1.0)      # no uncond rows at all
+    exact1 = run(patched(node_class, model, identity, "concatenated (exact)"), cfg=1.0)
+    torch.testing.assert_close(biased1, exact1, rtol=1e-4, atol=1e-4)
+    assert (biased1 - run(model, cfg=1.0)).abs().max() > 1e-3
