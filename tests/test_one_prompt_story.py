@@ -281,7 +281,13 @@ def test_ipca_runs_inside_the_stock_ksampler(host, node_class, tiny_sd15):
     def run(m, cfg=5.0):
         return sampler.sample(m, 3, 2, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
     plain = run(model)
-    assert (run(patched(node_class, model, identity, "bias (fast)")) - plain).abs().max() > 1e-3
+    ipca = patched(node_class, model, identity, "bias (fast)")
+    assert (run(ipca) - plain).abs().max() > 1e-3
+    states = {id(p): p for p in ipca.model_options["transformer_options"]["patches_replace"]["attn2"].values()}
+    layers = sum(1 for name, _ in model.model.diffusion_model.named_modules() if name.endswith(".attn2"))
+    assert len(states) == 1 and len(ipca.model_options["transformer_options"]["patches_replace"]["attn2"]) == layers
+    state = next(iter(states.values()))
+    assert state.bias_cache == {} and state.generator is None      # per-run state dropped on ON_CLEANUP
     torch.testing.assert_close(run(patched(node_class, model, identity, "bias (fast)", dropout=1.0)), plain)
     biased1 = run(patched(node_class, model, identity, "bias (fast)"), cfg=1.0)      # no uncond rows at all
     exact1 = run(patched(node_class, model, identity, "concatenated (exact)"), cfg=1.0)
