@@ -1,0 +1,248 @@
+"""One-Prompt-One-Story cost, side by side in one run (CPU unless CUDA is there):
+
+1. one cross-attention layer (to_q/k/v, attention, to_out) at SD1.5 and SDXL shapes: plain vs IPCA bias vs IPCA
+   concatenated keys/values; time (median of repeats after warmup) and memory (CUDA: max_memory_allocated;
+   CPU: peak live bytes of the tensors the layer creates, tracked op by op with a TorchDispatchMode);
+2. SVR time per frame (SD1.5: 768 channels; SDXL: 768 + 1280, each part on its own);
+3. a whole 5-frame story on the tiny SD1.5 model: this pack's flow (frames in one batch, IPCA bias) vs plain sampling
+   of the same frames vs the reference code's flow (one extra generation of the identity prompt to store its
+   keys/values, then each frame alone with concatenated keys/values); denoiser calls counted with an APPLY_MODEL
+   wrapper, time measured around comfy.sample.sample.
+
+    bash tools/storykit.sh python benchmarks/bench_1p1s.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak live bytes of tensors created inside the block (new storages only; freed when their tensor dies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, ptr, nbytes):
+        self.seen.discard(ptr)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        for t in tree_flatten(out)[0]:
+            if torch.is_tensor(t):
+                storage = t.untyped_storage()
+                ptr, nbytes = storage.data_ptr(), storage.nbytes()
+                if ptr in inputs or ptr in self.seen or nbytes == 0:
+                    continue
+                self.seen.add(ptr)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, ptr, nbytes)
+        return out
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def compare(fns: dict, warmup=2, repeats=7) -> dict:
+    """Median seconds per variant; the variants take turns so load changes on a shared machine hit them alike.
+
+    On CPU the clock is this process's CPU time (time.process_time): other programs on a shared machine do not
+    count; on CUDA it is wall-clock time (time.perf_counter) around synchronised calls."""
+    clock = time.perf_counter if torch.cuda.is_available() else time.process_time
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            sync()
+            t = clock()
+            fn()
+            sync()
+            times[label].append(clock() - t)
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def peak_memory(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with PeakBytes() as tracker:
+        fn()
+    return tracker.peak
+
+
+# ---------------------------------------------------------------------------------------------- 1. attention
+def cross_attention_layer(mod, host_attention, shape, frames, device, repeats):
+    name, tokens, channels, heads, context_dim = shape
+    torch.manual_seed(0)
+    attn = host_attention.CrossAttention(channels, context_dim, heads=heads, dim_head=channels // heads,
+                                         dtype=torch.float32, device=device)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(2 * frames, tokens, channels, device=device)
+    ctx = torch.randn(2 * frames, 77, context_dim, device=device)
+    identity = mod.StoryIdentity(12, 77, torch.randn(1, 12, context_dim, device=device), frames)
+    opts = {"cond_or_uncond": [1, 0], "n_heads": heads, "dim_head": channels // heads, "attn_precision": None}
+    bias = mod.IPCAState(identity, exact=False, dropout=0.0, seed=0)
+    concat = mod.IPCAState(identity, exact=True, dropout=0.0, seed=0)
+
+    def plain():
+        with torch.no_grad():
+            return attn(x, context=ctx, transformer_options=opts)
+
+    def patched(state):
+        def run():
+            with torch.no_grad():
+                n, c, v = x, ctx, ctx
+                if state.exact:
+                    n, c, v = state.extend_context(n, c, v, opts)
+                return attn.to_out(state(attn.to_q(n), attn.to_k(c), attn.to_v(v), opts))
+        return run
+
+    fns = {"plain": plain, "IPCA bias": patched(bias), "IPCA concatenated": patched(concat)}
+    times = compare(fns, repeats=repeats)
+    rows = {label: (times[label], peak_memory(fn)) for label, fn in fns.items()}
+    base_t, base_m = rows["plain"]
+    say(f"\n[{name}] one cross-attention layer, {2 * frames} rows (cond+uncond), {tokens} queries, "
+          f"{channels} channels, {heads} heads, context 77 x {context_dim}")
+    for label, (t, m) in rows.items():
+        say(f"  {label:18s} {t * 1e3:8.2f} ms  x{t / base_t:5.3f}   peak {m / 2**20:8.2f} MiB  x{m / base_m:5.3f}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 2. SVR
+def svr_per_frame(ops, frames=5, repeats=5):
+    say("\n[SVR] time per frame (kernel, float64 SVDs; 5 frames, 6-token frames, 10-token identity)")
+    lens = [6] * frames
+    plan = ops.consolidate(10, lens, 10)
+    for label, parts in (("SD1.5 768", [768]), ("SDXL 768+1280", [768, 1280])):
+        embeds = torch.randn(77, sum(parts))
+
+        def run(parts=parts, embeds=embeds):
+            for fp in plan:
+                sets = ops.token_sets(10, lens, fp)
+                ops.reweight_parts(embeds, parts, lambda e, sets=sets: ops.svr(e, sets))
+        t = compare({"svr": run}, warmup=1, repeats=repeats)["svr"] / frames
+        say(f"  {label:14s} {t * 1e3:7.2f} ms per frame")
+
+
+# ---------------------------------------------------------------------------------------------- 3. story
+def story_cost(h, mod, frames, steps, size, repeats):
+    import comfy.patcher_extension
+    import comfy.sample
+    from storykit.runner import testmodels
+
+    model, clip, _ = testmodels.tiny_models("sd15", 0)
+    encode = h.nodes.NODE_CLASS_MAPPINGS["StoryKitOnePromptStoryEncode"]
+    ipca = h.nodes.NODE_CLASS_MAPPINGS["StoryKitIdentityPreservingCrossAttention"]
+    lines = ["reading a book under a tree", "running through a snowy forest", "sailing a paper boat",
+             "sleeping by a campfire", "climbing a mountain", "painting at an easel"][:frames]
+    out = encode.execute(clip, "a watercolor fox wearing a red scarf", "\n".join(lines), 10, "SVR",
+                         0.01, 1.0, 0.01, 0.05)
+    positive, identity = out.result[0], out.result[1]
+    ctx, pooled = positive[0][0], positive[0][1]["pooled_output"]
+    negative = [[torch.zeros_like(ctx[:1]), {"pooled_output": torch.zeros_like(pooled[:1])}]]
+    latent = torch.zeros(frames, 4, size // 8, size // 8)
+
+    def counted(m):
+        m = m.clone()
+        calls = {"calls": 0, "images": 0}
+
+        def apply_model(executor, *args, **kwargs):
+            calls["calls"] += 1
+            calls["images"] += args[0].shape[0] // 2       # cond + uncond rows of one image count once
+            return executor(*args, **kwargs)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench", apply_model)
+        return m, calls
+
+    def sample(m, pos, lat):
+        noise = comfy.sample.prepare_noise(lat[:1], 0).repeat(lat.shape[0], 1, 1, 1)
+        return comfy.sample.sample(m, noise, steps, 5.0, "euler", "normal", pos, negative, lat, seed=0,
+                                   disable_pbar=True)
+
+    ours_m, ours_calls = counted(ipca.execute(model, identity, "bias (fast)", 0.0, 0).result[0])
+    plain_m, plain_calls = counted(model)
+    store_m, store_calls = counted(model)
+    exact_m, frame_calls = counted(ipca.execute(model, identity, "concatenated (exact)", 0.0, 0).result[0])
+    alone = clip.encode_from_tokens(clip.tokenize("a watercolor fox wearing a red scarf"), return_pooled=True)
+
+    def reference():   # identity generation (stores K/V), then each frame alone with K/V concatenated
+        sample(store_m, [[alone[0], {"pooled_output": alone[1]}]], latent[:1])
+        for j in range(frames):
+            sample(exact_m, [[ctx[j:j + 1], {"pooled_output": pooled[j:j + 1]}]], latent[:1])
+
+    fns = {"plain batch": lambda: sample(plain_m, positive, latent),
+           "1P1S (this pack)": lambda: sample(ours_m, positive, latent),
+           "reference flow": reference}
+    counters = {"plain batch": [plain_calls], "1P1S (this pack)": [ours_calls],
+                "reference flow": [store_calls, frame_calls]}
+    runs = 1 + repeats    # one warmup, then the timed repeats
+    times = compare(fns, warmup=1, repeats=repeats)
+    results = {label: (times[label], sum(c["calls"] for c in counters[label]) // runs,
+                       sum(c["images"] for c in counters[label]) // runs) for label in fns}
+    t_ref, c_ref, i_ref = results["reference flow"]
+    say(f"\n[story] tiny SD1.5 (model_channels 32), {frames} frames, {size}x{size}, {steps} euler steps, cfg 5")
+    t_ours, c_ours, i_ours = results["1P1S (this pack)"]
+    for label, (t, c, i) in results.items():
+        say(f"  {label:18s} {t:7.3f} s   denoiser calls {c:4d}   image evaluations {i:4d}")
+    say(f"  1P1S / plain time x{t_ours / results['plain batch'][0]:.3f} (goal <= 1.1); "
+          f"1P1S / reference: time x{t_ours / t_ref:.3f}, image evaluations {i_ours}/{i_ref} = {i_ours / i_ref:.3f} "
+          f"(goal <= N/(N+1) = {frames / (frames + 1):.3f}), batched calls {c_ours}/{c_ref}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    parser.add_argument("--attention", default="host", choices=["host", "pytorch"],
+                        help="host: the host's own choice on this machine; pytorch: force SDPA (what GPUs run)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: steadiest)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from storykit.runner import host as host_mod
+    h = host_mod.boot(cpu=not torch.cuda.is_available())
+    import comfy.model_management
+    from comfy.ldm.modules import attention as host_attention
+    mod = sys.modules[h.nodes.NODE_CLASS_MAPPINGS["StoryKitOnePromptStoryEncode"].__module__]
+    ops = sys.modules[mod.__package__.rsplit(".", 1)[0] + ".kernels.one_prompt_story"]
+    if args.attention == "pytorch":
+        host_attention.optimized_attention = host_attention.attention_pytorch
+        host_attention.optimized_attention_masked = host_attention.attention_pytorch
+    device = comfy.model_management.get_torch_device()
+    say(f"torch {torch.__version__}, device {device}, attention {host_attention.optimized_attention.__name__}, "
+          f"threads {torch.get_num_threads()}")
+    tokens = 1024 if args.quick else 4096
+    shapes = [("SD1.5 512px, 64x64 level", tokens, 320, 8, 768),
+              ("SDXL 1024px, 64x64 level", tokens, 640, 10, 2048)]
+    for shape in shapes:
+        cross_attention_layer(mod, host_attention, shape, frames=1, device=device, repeats=5 if args.quick else 15)
+    svr_per_frame(ops)
+    story_cost(h, mod, frames=5, steps=4 if args.quick else 10, size=64 if args.quick else 128,
+               repeats=3 if args.quick else 5)
+
+
+if __name__ == "__main__":
+    main()
