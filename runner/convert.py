@@ -147,18 +147,21 @@ class _UiGraph:
             if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
                 continue
             inputs, node_controls = self._widget_inputs(node_id, node)
-            controls.extend(node_controls)
+            linked = set()
             for slot in node.get("inputs") or []:
                 if slot.get("link") is None:
                     continue
                 source = self._resolve(slot["link"], slot.get("type"))
                 name = slot.get("widget", {}).get("name") or slot["name"]
-                if source is None:
-                    inputs.pop(name, None)
-                elif source[0] == "value":
-                    inputs[name] = source[1]
+                linked.add(name)
+                if source is None:  # nothing at the end of the link: a widget keeps its own value
+                    continue
+                if source[0] == "value":
+                    inputs[name] = _wrap_list(source[1])
                 else:
                     inputs[name] = [source[1], source[2]]
+            # A widget driven by a link takes its value from there; its own control widget changes nothing.
+            controls.extend(c for c in node_controls if c.input_name not in linked)
             entry = {"class_type": ntype, "inputs": inputs}
             title = node.get("title")
             if title:
@@ -176,7 +179,7 @@ class _UiGraph:
     def _check_missing(self) -> None:
         missing = sorted({n["type"] for n in self.nodes.values()
                           if n["type"] not in NOTE_TYPES | REROUTE_TYPES | {PRIMITIVE_TYPE}
-                          and n.get("mode", 0) != MODE_MUTED and self.specs(n["type"]) is None})
+                          and n.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS) and self.specs(n["type"]) is None})
         if missing:
             raise MissingNodes(missing)
 
@@ -188,7 +191,7 @@ class _UiGraph:
         if isinstance(values, dict):  # some packs save widgets by name
             for spec in specs:
                 if spec.is_widget and spec.name in values:
-                    inputs[spec.name] = _dynamic_prompt(spec, values[spec.name])
+                    inputs[spec.name] = _wrap_list(_dynamic_prompt(spec, values[spec.name]))
             return inputs, controls
         values = list(values or [])
         pos = 0
@@ -197,7 +200,7 @@ class _UiGraph:
                 continue
             if pos >= len(values):
                 break
-            inputs[spec.name] = _dynamic_prompt(spec, values[pos])
+            inputs[spec.name] = _wrap_list(_dynamic_prompt(spec, values[pos]))
             pos += 1
             if spec.options.get("control_after_generate") and pos < len(values) and values[pos] in CONTROL_VALUES:
                 controls.append(Control(node_id, spec.name, values[pos], spec.options.get("min"),
@@ -257,24 +260,52 @@ class _UiGraph:
                 if link_id is None:
                     return None
                 continue
-            mode = origin.get("mode", 0)
-            if mode == MODE_MUTED:
-                return None
-            if mode == MODE_BYPASS:
-                link_id = _bypass_input(origin, origin_slot, wanted_type)
+            if origin.get("mode", 0) == MODE_BYPASS:
+                index = _bypass_input(origin, origin_slot, wanted_type)
+                if index is None:
+                    return None
+                # The front end goes on looking for the type of the bypassed node's own input.
+                wanted_type = origin["inputs"][index].get("type")
+                link_id = origin["inputs"][index].get("link")
                 if link_id is None:
                     return None
                 continue
+            # A muted origin stays a link here; convert() drops links to nodes left out of the prompt.
             return ("link", origin_id, origin_slot)
 
 
-def _bypass_input(node: dict, origin_slot: int, wanted_type) -> Any:
-    """The input a bypassed node hands on: the one at the output's index if its type matches, else the first match."""
+def _valid_connection(a, b) -> bool:
+    """LiteGraph.isValidConnection: "*" and "" match anything, comma lists match if any part does, case-blind."""
+    a = 0 if a in ("", "*") else a
+    b = 0 if b in ("", "*") else b
+    if not a or not b or a == b:
+        return True
+    a, b = str(a).lower(), str(b).lower()
+    if "," not in a and "," not in b:
+        return a == b
+    return any(_valid_connection(x, y) for x in a.split(",") for y in b.split(","))
+
+
+def _bypass_input(node: dict, origin_slot: int, wanted_type) -> int | None:
+    """Which input a bypassed node hands on for one of its outputs (ExecutableNodeDTO's rule in the front end):
+    the input at the output's index if it fits both types, else the first of exactly the wanted type, else the first
+    that fits both."""
     inputs = node.get("inputs") or []
-    order = ([origin_slot] if origin_slot < len(inputs) else []) + list(range(len(inputs)))
-    for index in order:
-        if inputs[index].get("type") == wanted_type:
-            return inputs[index].get("link")
+    outputs = node.get("outputs") or []
+    if wanted_type in ("*", ""):
+        index = origin_slot if len(inputs) > origin_slot else 0
+        return index if index < len(inputs) else None
+    out_type = outputs[origin_slot].get("type") if origin_slot < len(outputs) else None
+    def fits(slot: dict) -> bool:
+        return _valid_connection(slot.get("type"), out_type) and _valid_connection(slot.get("type"), wanted_type)
+    if origin_slot < len(inputs) and fits(inputs[origin_slot]):
+        return origin_slot
+    for index, slot in enumerate(inputs):
+        if slot.get("type") == wanted_type:
+            return index
+    for index, slot in enumerate(inputs):
+        if fits(slot):
+            return index
     return None
 
 
@@ -287,19 +318,62 @@ class MissingNodes(WorkflowError):
 
 
 _COMMENT = re.compile(r"/\*[\s\S]*?\*/|//.*")
-_CHOICE = re.compile(r"\{([^{}]*)\}")
+_ESCAPED = re.compile(r"\\([{}|])")
+
+
+def _wrap_list(value):
+    """The front end sends a list-valued widget as {"__value__": [...]}, so the host cannot take it for a link."""
+    return {"__value__": value} if isinstance(value, list) else value
 
 
 def _dynamic_prompt(spec: InputSpec, value):
-    """The front end strips comments and picks one of {a|b|c} in widgets marked dynamicPrompts before queueing."""
+    """The front end's processDynamicPrompt, run on widgets marked dynamicPrompts before queueing: strip /* */ and //
+    comments, pick one option of each {a|b|c} (nested allowed) at random, and keep \\{ \\} \\| as literal characters."""
     if not spec.options.get("dynamicPrompts") or not isinstance(value, str):
         return value
-    text = _COMMENT.sub("", value)
-    while True:
-        match = _CHOICE.search(text)
-        if match is None:
-            return text
-        text = text[:match.start()] + random.choice(match.group(1).split("|")) + text[match.end():]
+    return _process_dynamic(value, random)
+
+
+def _process_dynamic(text: str, rng) -> str:
+    text = _COMMENT.sub("", text)
+    pos = 0
+    out = []
+
+    def choice_block() -> str:
+        nonlocal pos
+        options, current, depth = [], "", 0
+        while pos < len(text):
+            char = text[pos]
+            pos += 1
+            if char == "\\":
+                current += "\\" + text[pos:pos + 1]
+                pos += 1
+                continue
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                if not depth:
+                    break
+                depth -= 1
+            elif char == "|" and not depth:
+                options.append(current)
+                current = ""
+                continue
+            current += char
+        options.append(current)
+        return _process_dynamic(rng.choice(options), rng)
+
+    while pos < len(text):
+        char = text[pos]
+        pos += 1
+        if char == "\\":
+            out.append("\\" + text[pos:pos + 1])
+            pos += 1
+        elif char == "{":
+            out.append(choice_block())
+        else:
+            out.append(char)
+    return _ESCAPED.sub(r"\1", "".join(out))
 
 
 def apply_controls(prompt: dict, controls: list[Control], rng: random.Random) -> None:
