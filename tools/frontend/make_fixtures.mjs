@@ -213,7 +213,7 @@ const version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__);
 console.log(`front end ${version}`);
 
 fs.mkdirSync(outDir, { recursive: true });
-const only = args.only ? args.only.split(',') : Object.keys(BUILDERS);
+const only = args.only !== undefined ? args.only.split(',').filter((n) => n in BUILDERS) : Object.keys(BUILDERS);
 for (const name of only) {
   const result = await page.evaluate(async ({ source, helpers, empty }) => {
     await app.loadGraphData(structuredClone(empty));
@@ -233,9 +233,24 @@ for (const name of only) {
 if (shot) {
   const basic = JSON.parse(fs.readFileSync(path.join(repo, 'workflows', 'storykit_sd15_basic.json'), 'utf8'));
   await page.evaluate(async (data) => {
-    await app.loadGraphData(data);
-    app.canvas.fitViewToSelectionAnimated?.({ duration: 0 }) ?? app.canvas.ds.reset();
+    await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
+    await app.loadGraphData(data, true, false, 'storykit_sd15_basic');
+    // Fit every node into the canvas with a margin.
+    const nodes = app.graph.nodes;
+    const minX = Math.min(...nodes.map((n) => n.pos[0]));
+    const minY = Math.min(...nodes.map((n) => n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT));
+    const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+    const maxY = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+    const { width, height } = app.canvas.canvas.getBoundingClientRect();
+    const margin = 80;
+    const scale = Math.min((width - 2 * margin) / (maxX - minX), (height - 2 * margin) / (maxY - minY), 1.2);
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [(width / scale - (maxX - minX)) / 2 - minX, (height / scale - (maxY - minY)) / 2 - minY];
+    app.graph.setDirtyCanvas(true, true);
   }, basic);
+  // The "Introducing Nodes 2.0" banner covers the top of the page: close it as a user would.
+  await page.locator('xpath=//span[contains(., "Introducing Nodes 2.0")]/ancestor::div[2]/button').first()
+    .click({ timeout: 3000 }).catch(() => console.log('no Nodes 2.0 banner to close'));
   await page.waitForTimeout(1500);
   fs.mkdirSync(path.dirname(shot), { recursive: true });
   await page.screenshot({ path: shot });
