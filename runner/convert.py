@@ -2,8 +2,9 @@
 
 Follows the front end's own graph-to-prompt rules: muted nodes vanish together with the inputs that read them,
 bypassed nodes pass an input of the same type through, Reroute and Note nodes are virtual, a PrimitiveNode's value
-lands in the widget it drives, and a seed widget's "control after generate" value is kept so repeated runs can
-increment or randomise it the way the front end does between queued prompts.
+lands in the widget it drives, subgraphs are flattened into "outer:inner" node ids, and a seed widget's "control
+after generate" value is kept so repeated runs can increment or randomise it the way the front end does between
+queued prompts. tests/test_frontend_conversion.py checks all this against prompts made by the real front end.
 """
 from __future__ import annotations
 
@@ -125,8 +126,7 @@ def _link_tuple(link) -> tuple:
 class _UiGraph:
     def __init__(self, data: dict, specs: InputSpecs):
         if (data.get("definitions") or {}).get("subgraphs"):
-            raise WorkflowError("this workflow contains subgraphs, which the runner does not flatten yet: "
-                                "unpack them in the front end (right-click > Unpack Subgraph) or export the API format")
+            data = _flatten_subgraphs(data)
         self.specs = specs
         self.nodes = {str(n["id"]): n for n in data["nodes"]}
         self.links = {}
@@ -307,6 +307,86 @@ def _bypass_input(node: dict, origin_slot: int, wanted_type) -> int | None:
         if fits(slot):
             return index
     return None
+
+
+SUBGRAPH_INPUT_NODE = -10
+SUBGRAPH_OUTPUT_NODE = -20
+
+
+def _flatten_subgraphs(data: dict) -> dict:
+    """Replace every subgraph instance by its inner nodes, named as the front end names them in the prompt: node 2 of
+    instance 8 is "8:2" (nested: "8:5:2"). Links through the subgraph's input and output slots are joined up. A muted
+    or bypassed instance stays one node, which the converter then leaves out or passes through by type."""
+    definitions = {sg["id"]: sg for sg in data["definitions"]["subgraphs"]}
+    nodes: list[dict] = []
+    links: list[list] = []
+
+    def add_link(source, target_id: str, target_slot: int, ltype):
+        links.append([len(links) + 1, source[0], source[1], target_id, target_slot, ltype])
+        return len(links)
+
+    def expand(level_nodes: list, level_links: list, prefix: str, input_sources: list, depth: int) -> dict:
+        if depth > 32:
+            raise WorkflowError("subgraphs nested more than 32 deep (a subgraph that contains itself?)")
+        by_id = {n["id"]: n for n in level_nodes}
+        by_link = {}
+        for raw in level_links:
+            link = _link_tuple(raw)
+            by_link[link[0]] = link
+        instance_outputs: dict = {}
+
+        def source(link_id):
+            """(flat origin id, slot) that feeds this link, or None when nothing does."""
+            link = by_link.get(link_id)
+            if link is None:
+                return None
+            origin_id, origin_slot = link[1], int(link[2])
+            if origin_id == SUBGRAPH_INPUT_NODE:
+                return input_sources[origin_slot] if origin_slot < len(input_sources) else None
+            origin = by_id.get(origin_id)
+            if origin is not None and origin["type"] in definitions and origin.get("mode", 0) not in (MODE_MUTED,
+                                                                                                       MODE_BYPASS):
+                if origin_id not in instance_outputs:
+                    instance_outputs[origin_id] = expand_instance(origin)
+                return instance_outputs[origin_id].get(origin_slot)
+            return (prefix + str(origin_id), origin_slot)
+
+        def expand_instance(node: dict) -> dict:
+            definition = definitions[node["type"]]
+            # Matched by name: the exported form drops unplugged widget slots, so indices may shift.
+            plugged = {slot["name"]: slot.get("link") for slot in node.get("inputs") or []}
+            sources = [source(plugged[slot["name"]]) if plugged.get(slot["name"]) is not None else None
+                       for slot in definition.get("inputs") or []]
+            return expand(definition.get("nodes") or [], definition.get("links") or [],
+                          f"{prefix}{node['id']}:", sources, depth + 1)
+
+        outputs = {}
+        for raw in level_links:
+            link = _link_tuple(raw)
+            if link[3] == SUBGRAPH_OUTPUT_NODE:
+                outputs[int(link[4])] = source(link[0])
+        for node in level_nodes:
+            if node["type"] in definitions and node.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS):
+                if node["id"] not in instance_outputs:
+                    instance_outputs[node["id"]] = expand_instance(node)
+                continue
+            flat = {**node, "id": prefix + str(node["id"]),
+                    "outputs": [{**slot, "links": []} for slot in node.get("outputs") or []]}
+            flat["inputs"] = []
+            for index, slot in enumerate(node.get("inputs") or []):
+                origin = source(slot["link"]) if slot.get("link") is not None else None
+                new_link = add_link(origin, flat["id"], index, slot.get("type")) if origin else None
+                flat["inputs"].append({**slot, "link": new_link})
+            nodes.append(flat)
+        return outputs
+
+    expand(data["nodes"], data["links"], "", [], 0)
+    flat_nodes = {n["id"]: n for n in nodes}
+    for link in links:
+        origin = flat_nodes.get(link[1])
+        if origin is not None and link[2] < len(origin["outputs"]):
+            origin["outputs"][link[2]]["links"].append(link[0])
+    return {**data, "nodes": nodes, "links": links, "definitions": {}}
 
 
 class MissingNodes(WorkflowError):
