@@ -12,7 +12,6 @@ from storykit.runner import convert as conv
 
 DATA = Path(__file__).parent / "data" / "frontend"
 FIXTURES = sorted(p.name[: -len(".api.json")] for p in DATA.glob("*.api.json"))
-FLATTENED_BY_FRONT_END_ONLY = {"subgraph"}  # the runner refuses subgraphs (see test_subgraph_is_refused_clearly)
 SAVED_FORMS = ("workflow", "export")  # Save menu / Export and PNG-embedded
 
 
@@ -49,7 +48,7 @@ def test_every_fixture_is_complete():
 
 
 @pytest.mark.parametrize("kind", SAVED_FORMS)
-@pytest.mark.parametrize("name", [n for n in FIXTURES if n not in FLATTENED_BY_FRONT_END_ONLY])
+@pytest.mark.parametrize("name", FIXTURES)
 def test_converter_matches_front_end(host, name, kind):
     ours = conv.to_api(load(name, kind), conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt
     assert differences(load(name, "api"), ours) == []
@@ -78,11 +77,13 @@ def test_primitive_seed_control_is_kept(host):
     assert (control.mode, control.targets) == ("increment", [(sampler_id, "seed")])
 
 
-def test_subgraph_is_refused_clearly(host):
-    """The front end flattens subgraphs into `outer:inner` ids; the runner does not yet and must say how to proceed."""
-    assert any(":" in node_id for node_id in load("subgraph", "api"))
-    with pytest.raises(conv.WorkflowError, match="Unpack Subgraph"):
-        conv.to_api(load("subgraph", "workflow"), conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS))
+def test_subgraph_nodes_get_the_front_ends_ids(host):
+    """The front end names a node inside subgraph instance 8 "8:2"; the converter flattens the same way."""
+    front_end = load("subgraph", "api")
+    assert sorted(i for i in front_end if ":" in i) == ["8:2", "8:3"]
+    for kind in SAVED_FORMS:
+        ours = conv.to_api(load("subgraph", kind), conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt
+        assert ours["5"]["inputs"]["positive"] == ["8:2", 0] and ours["8:3"]["inputs"]["clip"] == ["1", 1]
 
 
 def tiny_overrides(prompt: dict) -> list[str]:
@@ -98,7 +99,7 @@ def tiny_overrides(prompt: dict) -> list[str]:
     return sorted(set(out))
 
 
-@pytest.mark.parametrize("name", [n for n in FIXTURES if n not in FLATTENED_BY_FRONT_END_ONLY])
+@pytest.mark.parametrize("name", FIXTURES)
 def test_converted_fixture_runs(host, run_workflow, name):
     saved = load(name, "workflow")
     prompt = conv.to_api(saved, conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt

@@ -123,6 +123,23 @@ const BUILDERS = {
     made.node.pos = [400, 150];
   },
 
+  // Subgraph in a subgraph: sampler + decode packed, then packed again with the save node; the seed comes from an
+  // Int node outside both, through two subgraph inputs; a bypassed ImageInvert sits inside the inner subgraph.
+  subgraph_nested: async (h) => {
+    const { ks, dec, save } = h.pipeline();
+    const seed = h.add('PrimitiveInt', [500, -200]);
+    h.setWidget(seed, 'value', 777);
+    h.setWidget(seed, 'control_after_generate', 'fixed');
+    h.link(seed, 0, ks, 'seed');
+    const invert = h.add('ImageInvert', [1300, 400]);
+    h.link(dec, 'IMAGE', invert, 'image');
+    h.link(invert, 'IMAGE', save, 'images');
+    invert.mode = 4;
+    const inner = app.graph.convertToSubgraph(new Set([ks, dec, invert]));
+    const outer = app.graph.convertToSubgraph(new Set([inner.node, save]));
+    outer.node.pos = [850, 150];
+  },
+
   // What a user gets by bypassing or unplugging the node that drives a widget: the widget's own value is used.
   bypass_fallback: async (h) => {
     const { latent } = h.pipeline();
