@@ -151,7 +151,9 @@ def test_dynamic_prompt_widgets_are_resolved_like_the_front_end(basic, specs):
     assert prompt["2"]["inputs"]["text"] == "a red fox "
 
 
-def test_subgraphs_get_a_clear_error(basic, specs):
-    basic["definitions"] = {"subgraphs": [{"id": "x"}]}
-    with pytest.raises(conv.WorkflowError, match="subgraphs"):
+def test_subgraph_instance_of_unknown_definition_is_a_missing_node(basic, specs):
+    """Subgraphs are flattened (see test_frontend_conversion); an instance whose definition is absent is named."""
+    basic["nodes"].append({"id": 31, "type": "0f6a1c52-0000-4000-8000-000000000000", "mode": 0, "inputs": [],
+                           "outputs": [], "widgets_values": []})
+    with pytest.raises(conv.MissingNodes, match="0f6a1c52"):
         conv.to_api(basic, specs)
