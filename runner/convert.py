@@ -496,16 +496,18 @@ def apply_controls(prompt: dict, controls: list[Control], rng: random.Random) ->
 
 
 def apply_overrides(prompt: dict, overrides: list[str]) -> None:
-    """--set NODE.INPUT=VALUE, NODE being an id or a node title; VALUE parsed as JSON when it parses."""
+    """--set NODE.INPUT=VALUE, NODE being an id, a node title or a node type (every node of it); VALUE parsed as JSON
+    when it parses."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         node_ref, dot, name = key.rpartition(".")
         if not sep or not dot or not node_ref or not name:
             raise WorkflowError(f"--set {item!r}: write it as NODE.INPUT=VALUE, e.g. --set 3.seed=7")
         matches = [nid for nid, e in prompt.items() if nid == node_ref] or \
-                  [nid for nid, e in prompt.items() if (e.get("_meta") or {}).get("title") == node_ref]
+                  [nid for nid, e in prompt.items() if (e.get("_meta") or {}).get("title") == node_ref] or \
+                  [nid for nid, e in prompt.items() if e["class_type"] == node_ref]
         if not matches:
-            raise WorkflowError(f"--set {item!r}: no node with id or title {node_ref!r}; ids in this workflow: "
+            raise WorkflowError(f"--set {item!r}: no node with id, title or type {node_ref!r}; ids in this workflow: "
                                 + ", ".join(sorted(prompt, key=_id_key)))
         try:
             value = json.loads(raw)

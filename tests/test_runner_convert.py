@@ -139,7 +139,9 @@ def test_overrides_by_id_and_title(basic, specs):
     conv.apply_overrides(prompt, ["5.seed=7", "Positive.text=a blue fox", "5.cfg=3.5"])
     assert prompt["5"]["inputs"]["seed"] == 7 and prompt["5"]["inputs"]["cfg"] == 3.5
     assert prompt["2"]["inputs"]["text"] == "a blue fox"
-    with pytest.raises(conv.WorkflowError, match="no node with id or title"):
+    conv.apply_overrides(prompt, ["KSampler.steps=3"])
+    assert prompt["5"]["inputs"]["steps"] == 3
+    with pytest.raises(conv.WorkflowError, match="no node with id, title or type"):
         conv.apply_overrides(prompt, ["99.seed=1"])
     with pytest.raises(conv.WorkflowError, match="NODE.INPUT=VALUE"):
         conv.apply_overrides(prompt, ["seed=1"])
