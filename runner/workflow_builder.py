@@ -32,7 +32,7 @@ class Graph:
         self._col = 0
 
     def add(self, class_type: str, widgets: dict | None = None, title: str | None = None, mode: int = 0,
-            pos: tuple[float, float] | None = None, size: tuple[float, float] = (320, 180),
+            pos: tuple[float, float] | None = None, size: tuple[float, float] | None = None,
             control: str = "fixed") -> Node:
         widgets = dict(widgets or {})
         values = []
@@ -69,6 +69,8 @@ class Graph:
             for index, (rtype, name) in enumerate(zip(cls.RETURN_TYPES, names, strict=True)):
                 outputs.append({"name": name, "type": _type_name(rtype), "links": [], "slot_index": index})
         node_id = len(self.nodes) + 1
+        if size is None:
+            size = _natural_size(specs or [], len(inputs), len(outputs))
         if pos is None:
             pos = (40 + 380 * (self._col % 5), 80 + 260 * (self._col // 5))
             self._col += 1
@@ -116,6 +118,15 @@ class Graph:
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
+
+
+def _natural_size(specs, n_inputs: int, n_outputs: int) -> tuple[int, int]:
+    """Roughly the size the front end gives a new node: slot rows, a row per widget, tall multiline text boxes."""
+    rows = max(n_inputs, n_outputs)
+    widgets = [s for s in specs if s.is_widget]
+    multiline = sum(1 for s in widgets if s.options.get("multiline"))
+    width = 400 if multiline else 300
+    return width, 30 + 22 * rows + 26 * (len(widgets) - multiline) + 120 * multiline
 
 
 def _type_name(kind) -> str:
