@@ -224,7 +224,7 @@ def predictor_loss(predictor: SemanticMotionPredictor, times: torch.Tensor, targ
     weights the CLIP-space target is the part of that objective a user can train on their own clips.
     """
     interp = INTERPOLATIONS[interpolation]
-    paths = torch.stack([interp(tg[0], tg[-1], tm) for tg, tm in zip(targets, times)])
+    paths = torch.stack([interp(tg[0], tg[-1], tm) for tg, tm in zip(targets, times, strict=True)])
     pred = predictor(paths, times)
     return F.mse_loss(pred[:, 1:-1].float(), targets[:, 1:-1].float()) if targets.shape[1] > 2 \
         else F.mse_loss(pred.float(), targets.float())

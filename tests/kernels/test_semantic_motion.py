@@ -132,7 +132,7 @@ def test_saved_predictor_reloads_bit_identical(tmp_path):
     path = smp.save_predictor(net, str(tmp_path / "p.safetensors"), step=12)
     again, meta = smp.load_predictor(path)
     assert meta["config"]["hidden"] == 32 and meta["step"] == 12
-    for (k, v), (k2, v2) in zip(net.state_dict().items(), again.state_dict().items()):
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     x, t = torch.randn(2, 4, 3, 12), torch.linspace(0, 1, 4)
     assert torch.equal(net.eval()(x, t), again(x, t))
