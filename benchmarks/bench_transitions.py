@@ -21,6 +21,11 @@ import sys
 import time
 
 
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def build(args):
     import comfy.model_management
     import comfy.model_patcher
@@ -86,7 +91,7 @@ def child(args):
             run()
             times.append(time.perf_counter() - start)
     memory = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": statistics.median(times), "memory": memory,
+    say(json.dumps({"seconds": statistics.median(times), "memory": memory,
                       "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS"}))
 
 
@@ -134,13 +139,13 @@ def main():
         results[variant] = json.loads(lines[-1])
     n, s = results["native"], results["semantic"]
     tokens = ((args.frames - 1) // 4 + 1) * (args.size // 16) ** 2
-    print(f"Wan 2.1 i2v, random weights: dim {args.dim}, {args.layers} blocks, {args.frames} frames at "
+    say(f"Wan 2.1 i2v, random weights: dim {args.dim}, {args.layers} blocks, {args.frames} frames at "
           f"{args.size}x{args.size} ({tokens} video tokens), {args.steps} steps cfg 5, 257 image tokens/frame")
-    print(f"  native image conditioning : {n['seconds']:.3f} s   {n['memory'] / 2**20:.0f} MiB ({n['memory_kind']})")
-    print(f"  per-frame semantic tokens : {s['seconds']:.3f} s   {s['memory'] / 2**20:.0f} MiB")
-    print(f"  ratio time {s['seconds'] / n['seconds']:.3f}x   memory {s['memory'] / n['memory']:.3f}x   (goal <= 1.05x)")
+    say(f"  native image conditioning : {n['seconds']:.3f} s   {n['memory'] / 2**20:.0f} MiB ({n['memory_kind']})")
+    say(f"  per-frame semantic tokens : {s['seconds']:.3f} s   {s['memory'] / 2**20:.0f} MiB")
+    say(f"  ratio time {s['seconds'] / n['seconds']:.3f}x   memory {s['memory'] / n['memory']:.3f}x   (goal <= 1.05x)")
     seconds, params, frames = predictor_time(args)
-    print(f"Semantic Motion Predictor (8 layers, hidden 1024, 16 heads, {params / 1e6:.0f}M parameters): "
+    say(f"Semantic Motion Predictor (8 layers, hidden 1024, 16 heads, {params / 1e6:.0f}M parameters): "
           f"{seconds * 1000:.0f} ms per transition ({frames} latent frames x 257 tokens)")
 
 

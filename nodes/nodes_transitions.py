@@ -114,9 +114,15 @@ def build_trajectory(clip_vision, images, length, layout, interpolation, predict
                              f"{cfg.embedding} but this CLIP vision model and layout give {enc.shape[1]} x "
                              f"{enc.shape[2]} {embedding}: use a predictor trained with the same CLIP vision model "
                              "and layout, or disconnect it")
-    with torch.no_grad():
-        transitions = [smp.predict_trajectory(net, enc[i], enc[i + 1], times, interpolation)
-                       for i in range(enc.shape[0] - 1)]
+    if net is not None:
+        net.to(comfy.model_management.get_torch_device())
+    try:
+        with torch.no_grad():
+            transitions = [smp.predict_trajectory(net, enc[i], enc[i + 1], times, interpolation).cpu()
+                           for i in range(enc.shape[0] - 1)]
+    finally:
+        if net is not None:
+            net.to(comfy.model_management.unet_offload_device())
     method = interpolation + (" + predictor" if net is not None else "")
     return SemanticTrajectory(transitions, times, lay.pixel_spans(length), length, layout, embedding, method)
 
@@ -132,12 +138,24 @@ class WanSemanticMotion:
     """
 
     def __init__(self, tokens: torch.Tensor, emb_pos: torch.Tensor | None):
-        self.tokens = tokens            # [F, N, 1280]
+        self.tokens = tokens            # [F, N, 1280], kept on the CPU
         self.emb_pos = emb_pos          # FLF checkpoint: [1, 514, 1280], added per frame instead of once
-        self.patch = (1, 2, 2)
+        self.run_cache: dict = {}       # this run's clip_fea on the model's device, by (frames, device, dtype)
 
     def cleanup(self, *args, **kwargs):
-        self.tokens = self.tokens.cpu()
+        self.run_cache.clear()
+
+    def frame_tokens(self, frames: int, device, dtype) -> torch.Tensor:
+        """[frames * N, 1280]: latent frame f's tokens (frames appended in time reuse the last ones)."""
+        key = (frames, str(device), dtype)
+        if key not in self.run_cache:
+            count, tokens = self.tokens.shape[:2]
+            per_frame = self.tokens[torch.arange(frames).clamp(max=count - 1)].to(device, dtype)
+            if self.emb_pos is not None:
+                per_frame = per_frame + comfy.model_management.cast_to(self.emb_pos[:, :tokens], dtype=dtype,
+                                                                       device=device)
+            self.run_cache[key] = per_frame.reshape(-1, per_frame.shape[-1])
+        return self.run_cache[key]
 
     def diffusion_model(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
                         transformer_options={}, *args, **kwargs):  # noqa: B006 - host signature
@@ -152,13 +170,8 @@ class WanSemanticMotion:
         ph, pw = model.patch_size[1], model.patch_size[2]
         hw = ((h + ph - 1) // ph) * ((w + pw - 1) // pw)
         prefix = hw if (getattr(model, "ref_conv", None) is not None and "reference_latent" in kwargs) else 0
-        index = torch.arange(t + extra).clamp(max=frames - 1)  # frames appended in time reuse the last tokens
         dtype = clip_fea.dtype if clip_fea is not None else x.dtype
-        per_frame = self.tokens[index].to(x.device, dtype)
-        if self.emb_pos is not None:
-            pos = comfy.model_management.cast_to(self.emb_pos[:, :tokens], dtype=dtype, device=x.device)
-            per_frame = per_frame + pos
-        fea = per_frame.reshape(1, -1, per_frame.shape[-1]).expand(b, -1, -1)
+        fea = self.frame_tokens(t + extra, x.device, dtype).unsqueeze(0).expand(b, -1, -1)
         options = dict(transformer_options)
         layout = (t + extra, tokens, hw, prefix)
         options["optimized_attention_override"] = functools.partial(
@@ -507,36 +520,54 @@ VIDEO_EXTS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_clip_folder(folder: str, node: str) -> list[torch.Tensor]:
-    """A folder of clips: each video file, each subfolder of frames, and loose frames in the folder itself."""
+def _small_frame(image, short_side: int = 256) -> torch.Tensor:
+    """A PIL image -> uint8 [H, W, 3] with its short side at most `short_side` (CLIP vision sees 224 px)."""
     import numpy as np
+    from PIL import Image
+    image = image.convert("RGB")
+    scale = short_side / min(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+
+
+def read_clip_folder(folder: str, node: str) -> list[torch.Tensor]:
+    """A folder of clips: each video file, each subfolder of frames, and loose frames in the folder itself.
+
+    Frames are kept small and as uint8, so an hour of footage does not need an hour of float pixels in memory.
+    """
     from PIL import Image
 
     if not os.path.isdir(folder):
         raise ValueError(f"{node}: folder {folder!r} does not exist: give a folder of videos or of frame folders")
 
     def frames_of(paths):
-        return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
-                            for p in paths]) if paths else None
+        frames = []
+        for p in paths:
+            with Image.open(p) as img:
+                frames.append(_small_frame(img))
+        return frames
 
     clips = []
     entries = sorted(os.listdir(folder))
-    loose = [os.path.join(folder, e) for e in entries if e.lower().endswith(IMAGE_EXTS)]
-    if len(loose) >= 2:
-        clips.append(frames_of(loose))
+    groups = [[os.path.join(folder, e) for e in entries if e.lower().endswith(IMAGE_EXTS)]]
     for e in entries:
         path = os.path.join(folder, e)
         if os.path.isdir(path):
-            inner = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(IMAGE_EXTS)]
-            if len(inner) >= 2:
-                clips.append(frames_of(inner))
+            groups.append([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(IMAGE_EXTS)])
         elif e.lower().endswith(VIDEO_EXTS):
             import av
             with av.open(path) as container:
-                frames = [torch.from_numpy(f.to_ndarray(format="rgb24").astype(np.float32) / 255.0)
-                          for f in container.decode(video=0)]
-            if len(frames) >= 2:
+                frames = [_small_frame(f.to_image()) for f in container.decode(video=0)]
+            if len(frames) >= 2 and len({f.shape for f in frames}) == 1:
                 clips.append(torch.stack(frames))
+    for paths in groups:
+        frames = frames_of(paths) if len(paths) >= 2 else []
+        if frames and len({f.shape for f in frames}) == 1:
+            clips.append(torch.stack(frames))
+        elif frames:
+            log.warning("StoryKit: skipped %s: its frames differ in size", os.path.dirname(paths[0]))
     if not clips:
         raise ValueError(f"{node}: no clips in {folder!r}: put video files ({', '.join(VIDEO_EXTS)}) or folders "
                          "of at least 2 frames there")
@@ -643,7 +674,10 @@ def encode_training_set(clip_vision, clips, frames, layout, embedding):
         index = torch.arange(clip.shape[0]).view(-1, 1, 1).float()
         t, picked = smp.clip_training_pair(index, frames, layout)
         times.append(t)
-        targets.append(encode_frames(clip_vision, clip[picked.flatten().long()], embedding))
+        picked_frames = clip[picked.flatten().long()]
+        if picked_frames.dtype == torch.uint8:  # frames read from a folder
+            picked_frames = picked_frames.float() / 255.0
+        targets.append(encode_frames(clip_vision, picked_frames, embedding))
     return torch.stack(times), torch.stack(targets)
 
 
@@ -692,7 +726,7 @@ def train(record: MotionPredictor, times, targets, steps, lr, batch_size, seed, 
             log.info("StoryKit: training cancelled at step %d; checkpoint %s", record.step, path)
         raise
     finally:
-        net.eval().requires_grad_(False)
+        net.eval().requires_grad_(False).to(comfy.model_management.unet_offload_device())
     if not checkpoint_every or record.step % checkpoint_every:
         save_record(record, folder, name, record.step)
 

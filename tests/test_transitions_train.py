@@ -102,3 +102,30 @@ def test_trainer_errors_name_the_fix(node_class, predictor_dir, tmp_path):
         train(node_class, clips=None)
     with pytest.raises(ValueError, match="no clips in"):
         train(node_class, clips=None, folder=str(tmp_path))
+
+
+def test_trainer_reads_a_folder_of_videos_and_frame_folders(node_class, predictor_dir, tmp_path):
+    import av
+    import numpy as np
+    from PIL import Image
+    data = tmp_path / "clips"
+    (data / "shot_a").mkdir(parents=True)
+    for i, frame in enumerate(eased_clips(1, frames=9, seed=3)):
+        Image.fromarray((frame.numpy() * 255).astype(np.uint8)).save(data / "shot_a" / f"{i:04d}.png")
+    container = av.open(str(data / "shot_b.mp4"), "w")
+    stream = container.add_stream("mpeg4", rate=8)
+    stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+    for frame in eased_clips(1, frames=12, seed=4):
+        big = torch.nn.functional.interpolate(frame.permute(2, 0, 1)[None], size=(360, 640))[0].permute(1, 2, 0)
+        for packet in stream.encode(av.VideoFrame.from_ndarray((big.numpy() * 255).astype(np.uint8), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    from storykit.nodes import nodes_transitions as nt
+    clips = nt.read_clip_folder(str(data), "test")
+    assert [c.shape for c in clips] == [(12, 256, 455, 3), (9, 28, 28, 3)]  # video kept small, uint8
+    assert all(c.dtype == torch.uint8 for c in clips)
+    with torch.inference_mode():
+        record, _ = train(node_class, clips=None, folder=str(data), steps=2, checkpoint_every=0)
+    assert record.step == 2
