@@ -279,6 +279,24 @@ def wan_first_last(positive, negative, vae, width, height, length, start_image, 
 
 
 # ---------------------------------------------------------------------------------------------- nodes
+def clip_vision_input():
+    return io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the video model was trained with: "
+                               "clip_vision_h (ViT-H) for Wan 2.1 and SVD.")
+
+
+def layout_input():
+    return io.Combo.Input("layout", options=list(smp.LAYOUTS), default="wan21",
+                          tooltip="The video model: wan21 packs 4 frames per latent frame and uses the 257 ViT "
+                                  "tokens; svd has one latent per frame and uses the pooled embedding.")
+
+
+def interpolation_input():
+    return io.Combo.Input("interpolation", options=list(smp.INTERPOLATIONS), default="linear",
+                          tooltip="Path between the two frames' encodings: linear (the paper) or spherical (keeps "
+                                  "the embeddings' norm, so middle frames do not fade). Train and use a predictor "
+                                  "with the same one.")
+
+
 class SemanticTrajectoryNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -290,19 +308,14 @@ class SemanticTrajectoryNode(io.ComfyNode):
                         "transition its own semantic embedding: interpolated (training-free) or predicted by a "
                         "Semantic Motion Predictor.",
             inputs=[
-                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the video model was trained "
-                                    "with: clip_vision_h (ViT-H) for Wan 2.1 and SVD."),
+                clip_vision_input(),
                 io.Image.Input("images", tooltip="Two frames (start, end) or a whole story in order: one "
                                "transition per pair of consecutive frames."),
                 io.Int.Input("length", default=81, min=1, max=1025, step=1,
                              tooltip="Video frames per transition, as in the video node (Wan: 4k+1, 81 by "
                                      "default; SVD: video_frames, e.g. 14 or 25). More frames: a slower change."),
-                io.Combo.Input("layout", options=list(smp.LAYOUTS), default="wan21",
-                               tooltip="The video model: wan21 packs 4 frames per latent frame and uses the 257 "
-                                       "ViT tokens; svd has one latent per frame and uses the pooled embedding."),
-                io.Combo.Input("interpolation", options=list(smp.INTERPOLATIONS), default="linear",
-                               tooltip="Path between the two frames' encodings: linear (the paper) or spherical "
-                                       "(keeps the embeddings' norm, so middle frames do not fade)."),
+                layout_input(),
+                interpolation_input(),
                 Predictor.Input("predictor", optional=True,
                                 tooltip="A trained Semantic Motion Predictor refines the path into motion it "
                                         "learned from clips; without one the interpolation is used as is."),
@@ -601,8 +614,7 @@ class TrainMotionPredictor(io.ComfyNode):
                         "and last frame it learns to predict the frames between. Checkpoints go to "
                         "models/storykit_predictors; Cancel keeps them.",
             inputs=[
-                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the video model uses "
-                                    "(clip_vision_h for Wan 2.1 and SVD)."),
+                clip_vision_input(),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps (this run)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (the paper: 1e-4)."),
@@ -610,10 +622,8 @@ class TrainMotionPredictor(io.ComfyNode):
                 io.Int.Input("length", default=81, min=2, max=1025,
                              tooltip="Video frames of the transitions it will predict (as in Semantic "
                                      "Trajectory); clips are resampled to that many latent frames."),
-                io.Combo.Input("layout", options=list(smp.LAYOUTS), default="wan21",
-                               tooltip="The video model the predictor is for (wan21: 257 ViT tokens; svd: pooled)."),
-                io.Combo.Input("interpolation", options=list(smp.INTERPOLATIONS), default="linear",
-                               tooltip="The path the predictor refines; use the same in Semantic Trajectory."),
+                layout_input(),
+                interpolation_input(),
                 io.Int.Input("layers", default=8, min=1, max=64, tooltip="Transformer layers (paper: 8)."),
                 io.Int.Input("hidden", default=1024, min=16, max=8192, step=16, tooltip="Width (paper: 1024)."),
                 io.Int.Input("heads", default=16, min=1, max=64, tooltip="Attention heads; must divide hidden (16)."),

@@ -16,19 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 def _loader(name, returns, build):
     """A test-only loader node (V1 style) that hands out a tiny model instead of reading a file."""
     return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: {"required": {}}), "RETURN_TYPES": returns,
-                           "FUNCTION": "load", "CATEGORY": "StoryKit/tests", "load": lambda self: build()})
+                           "FUNCTION": "load", "CATEGORY": "testing", "load": lambda self: build()})
 
 
 @pytest.fixture(scope="module")
 def tiny_loaders(host):
     from storykit.runner import testmodels
     loaders = {
-        "UNETLoader": _loader("StoryKitTestWanFLF", ("MODEL",), lambda: (tm.wan(True),)),
-        "CLIPLoader": _loader("StoryKitTestWanText", ("CLIP",), lambda: (tm.text_clip(),)),
-        "VAELoader": _loader("StoryKitTestWanVAE", ("VAE",), lambda: (tm.wan_vae(),)),
-        "CLIPVisionLoader": _loader("StoryKitTestClipVision", ("CLIP_VISION",), lambda: (tm.clip_vision(),)),
+        "UNETLoader": _loader("TransitionsTestWanFLF", ("MODEL",), lambda: (tm.wan(True),)),
+        "CLIPLoader": _loader("TransitionsTestWanText", ("CLIP",), lambda: (tm.text_clip(),)),
+        "VAELoader": _loader("TransitionsTestWanVAE", ("VAE",), lambda: (tm.wan_vae(),)),
+        "CLIPVisionLoader": _loader("TransitionsTestClipVision", ("CLIP_VISION",), lambda: (tm.clip_vision(),)),
         "ImageOnlyCheckpointLoader": _loader(
-            "StoryKitTestSVD", ("MODEL", "CLIP_VISION", "VAE"),
+            "TransitionsTestSVD", ("MODEL", "CLIP_VISION", "VAE"),
             lambda: (tm.svd(), tm.clip_vision(), testmodels.tiny_models("sd15", 0)[2])),
     }
     for cls in loaders.values():
@@ -36,7 +36,9 @@ def tiny_loaders(host):
     g = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(g.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(host.base / "input" / f"story_frame_{i + 1}.png")
-    return loaders
+    yield loaders
+    for cls in loaders.values():  # test-only nodes leave with this module
+        host.nodes.NODE_CLASS_MAPPINGS.pop(cls.__name__, None)
 
 
 def _api(host, name, loaders):
