@@ -129,3 +129,26 @@ def test_trainer_reads_a_folder_of_videos_and_frame_folders(node_class, predicto
     with torch.inference_mode():
         record, _ = train(node_class, clips=None, folder=str(data), steps=2, checkpoint_every=0)
     assert record.step == 2
+
+
+def test_a_wan_predictor_drives_the_wan_patch(node_class, predictor_dir):
+    """Train on ViT tokens (layout wan21), predict a trajectory with it, and sample a patched tiny Wan."""
+    from storykit.nodes import nodes_transitions as nt
+    from storykit.tests.test_transitions import sample, wan_inputs
+    cv = tm.clip_vision()
+    with torch.inference_mode():
+        record, _ = train(node_class, layout="wan21", steps=3, checkpoint_every=0, batch_size=2)
+        assert (record.model.config.tokens, record.model.config.embed_dim) == (17, 1280)
+        ends = eased_clips(1, seed=7)[[0, -1]]
+        (traj,) = node_class("StoryKitSemanticTrajectory").execute(
+            clip_vision=cv, images=ends, length=9, layout="wan21", interpolation="spherical",
+            predictor=record).result
+        plain = nt.build_trajectory(cv, ends, 9, "wan21", "spherical", None)
+        assert traj.transitions[0].shape == (3, 17, 1280)
+        assert not torch.equal(traj.transitions[0], plain.transitions[0])  # the trained predictor moved the path
+        (model,) = node_class("StoryKitWanSemanticMotion").execute(model=tm.wan(False), trajectory=traj,
+                                                                   transition=0).result
+        pos, neg, latent = wan_inputs(node_class, False, 9, ends[:1], cv.encode_image(ends[:1]))
+        assert torch.isfinite(sample(model, pos, neg, latent, steps=1)).all()
+    with pytest.raises(ValueError, match="transition 1 does not exist"):
+        node_class("StoryKitWanSemanticMotion").execute(model=tm.wan(False), trajectory=traj, transition=1)
