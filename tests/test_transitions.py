@@ -31,8 +31,10 @@ def text_conds():
 
 
 def host_output(node_class, node_id, **kw):
+    """Run a node as the executor does: under inference mode (shared cached models may hold inference tensors)."""
     cls = node_class(node_id)
-    out = cls.execute(**kw) if hasattr(cls, "execute") else getattr(cls(), cls.FUNCTION)(**kw)  # V3 or V1 node
+    with torch.inference_mode():
+        out = cls.execute(**kw) if hasattr(cls, "execute") else getattr(cls(), cls.FUNCTION)(**kw)  # V3 or V1
     return out.result if hasattr(out, "result") else out
 
 
