@@ -56,8 +56,8 @@ def encode_frames(clip, prompts: list[str], where: list[str]) -> list:
         tokens = clip.tokenize(prompt)
         chunks = max(len(v) for v in tokens.values())
         if chunks > MAX_TOKEN_CHUNKS:
-            raise ValueError(f"StoryKit Story Prompt: {place}: the prompt is {chunks * 75} tokens or more "
-                             f"after the character descriptions and the style (at most {MAX_TOKEN_CHUNKS * 75}); "
+            raise ValueError(f"StoryKit Story Prompt: {place}: the prompt is longer than {MAX_TOKEN_CHUNKS * 75} "
+                             f"tokens ({chunks} blocks of 75) with the character descriptions and the style; "
                              "shorten it (the character description, the frame text or the style)")
         cond, pool = clip.encode_from_tokens(tokens, return_pooled=True)
         conds.append(cond)
