@@ -195,43 +195,49 @@ class ConsistentSelfAttention:
         if sigma is None:
             return attend(q, k, v)
         rate = self._rate(q.shape[1], extra)
+        halves = self._halves(extra, q.shape[0])
+        frames = self._frames(halves[0][1].stop - halves[0][1].start)
+        if not self.window or len(frames) <= self.window:  # both halves in one batched call
+            return self._attend(q, k, v, [(half, frames) for half, _ in halves], key, sigma, rate, attend)
         out = torch.empty_like(q)
-        for half, rows in self._halves(extra, q.shape[0]):
-            frames = self._frames(q[rows].shape[0])
-
-            def run(members: list[int], rows=rows, frames=frames, half=half):
-                if len(members) == len(frames):  # no window: no copies
-                    return self._attend_frames(q[rows], k[rows], v[rows], frames, key, half, sigma, rate, attend)
-                return self._attend_frames(q[rows][members], k[rows][members], v[rows][members],
-                                           [frames[i] for i in members], key, half, sigma, rate, attend)
+        for half, rows in halves:
+            def run(members: list[int], rows=rows, half=half):
+                return self._attend(q[rows][members], k[rows][members], v[rows][members],
+                                    [(half, [frames[i] for i in members])], key, sigma, rate, attend)
             out[rows] = csa.windowed(len(frames), self.window, run, q[rows])
         return out
 
-    def _attend_frames(self, q, k, v, frames, key, half, sigma, rate, attend):
+    def _attend(self, q, k, v, parts, key, sigma, rate, attend):
+        """parts: (CFG half, its frames) in the order their rows are stacked in q; sources stay inside a half."""
         n_tokens = q.shape[1]
-        sources = [[j for j, other in enumerate(frames) if j != i and other.reference
-                    and other.characters & frame.characters] for i, frame in enumerate(frames)]
-        samples = {j: self._sample(frames[j].frame, n_tokens, rate, sigma).to(q.device)
-                   for row in sources for j in row}
-        in_batch = {f.frame for f in frames}
-        banked = [f for f in self.bank_characters if f not in in_batch]
-        wanted = [[f for f in banked if self.bank_characters[f] & frame.characters] for frame in frames]
-        bank_k = bank_v = spans = None
-        needed = sorted({f for row in wanted for f in row})
-        if needed:
-            tokens = self.bank.read(key, half, sigma, needed, q.device)
-            if tokens:
-                starts, offset, parts = {}, 0, []
-                for f in needed:
-                    if f in tokens:
-                        starts[f] = (offset, tokens[f].shape[0])
-                        offset += tokens[f].shape[0]
-                        parts.append(tokens[f])
-                hidden = torch.cat(parts).to(q.dtype).unsqueeze(0)
-                attn1 = self.layers[key]
-                bank_k, bank_v = attn1.to_k(hidden)[0], attn1.to_v(hidden)[0]
-                spans = [[starts[f] for f in row if f in starts] for row in wanted]
-        return csa.consistent_self_attention(q, k, v, attend, sources, samples, bank_k, bank_v, spans)
+        sources, samples, spans, hidden = [], {}, [], []
+        first_row, bank_length = 0, 0
+        for half, frames in parts:
+            local = [[j for j, other in enumerate(frames) if j != i and other.reference
+                      and other.characters & frame.characters] for i, frame in enumerate(frames)]
+            sources.extend([first_row + j for j in row] for row in local)
+            for j in {j for row in local for j in row}:
+                samples[first_row + j] = self._sample(frames[j].frame, n_tokens, rate, sigma)
+            in_batch = {f.frame for f in frames}
+            wanted = [[f for f in self.bank_characters if f not in in_batch
+                       and self.bank_characters[f] & frame.characters] for frame in frames]
+            needed = sorted({f for row in wanted for f in row})
+            tokens = self.bank.read(key, half, sigma, needed, q.device) if needed else {}
+            starts = {}
+            for f in needed:
+                if f in tokens:
+                    starts[f] = (bank_length, tokens[f].shape[0])
+                    bank_length += tokens[f].shape[0]
+                    hidden.append(tokens[f])
+            spans.extend([starts[f] for f in row if f in starts] for row in wanted)
+            first_row += len(frames)
+        bank_k = bank_v = None
+        if hidden:  # the bank holds normed hidden states: project them once for every frame that reads them
+            attn1 = self.layers[key]
+            states = torch.cat(hidden).to(q.dtype).unsqueeze(0)
+            bank_k, bank_v = attn1.to_k(states)[0], attn1.to_v(states)[0]
+        return csa.consistent_self_attention(q, k, v, attend, sources, samples, bank_k, bank_v,
+                                             spans if hidden else None)
 
 
 def patch_model(model, rates: list[float], layer_set: str, start_percent: float, end_percent: float,

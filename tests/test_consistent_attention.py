@@ -216,3 +216,23 @@ def test_ksampler_run_releases_bank_and_model_unchanged(tiny_sd15):
                               disable_pbar=True, seed=0)
     assert out.shape == latent.shape and torch.isfinite(out).all()
     assert peak and peak[0] > 0 and state.bank.nbytes() == 0
+
+
+def test_sliding_window_averages_windows_algorithm_1(tiny_sd15):
+    patched = _patch(tiny_sd15[0].clone(), rate=1.0, window=2)
+    frames = 3
+    x, ctx = _inputs(frames, halves=2, seed=9)
+    layers, seen, handles = _hook_attn1(patched)
+    try:
+        with torch.no_grad():
+            _apply(patched, x, ctx, [0, 1])
+    finally:
+        for h in handles:
+            h.remove()
+    key = next(k for k in layers if k[0] == "output")
+    attn, n, out = layers[key], seen[key]["n"], seen[key]["out"]
+    for half in range(2):
+        rows = n[half * frames:(half + 1) * frames]
+        first, second = _manual(attn, rows[[0, 1]], attn.heads, 2), _manual(attn, rows[[1, 2]], attn.heads, 2)
+        expected = torch.stack([first[0], (first[1] + second[0]) / 2, second[1]])
+        torch.testing.assert_close(out[half * frames:(half + 1) * frames], expected, atol=2e-5, rtol=1e-4)
