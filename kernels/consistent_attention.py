@@ -94,13 +94,18 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return attention(q, k, v)
     if len(groups) == 1:  # every row has as many keys (the usual batch): one gather, one call, no scatter
         index = torch.stack([ix for _, ix in next(iter(groups.values()))]).to(k.device)
-        return attention(q, pool_k[index], pool_v[index])
+        return attention(q, _gather(pool_k, index), _gather(pool_v, index))
     out = torch.empty_like(q)
     for members in groups.values():
         rows_of = [i for i, _ in members]
         index = torch.stack([ix for _, ix in members]).to(k.device)
-        out[rows_of] = attention(q[rows_of], pool_k[index], pool_v[index])
+        out[rows_of] = attention(q[rows_of], _gather(pool_k, index), _gather(pool_v, index))
     return out
+
+
+def _gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """pool[index] for a [G, L] index into [P, D] rows; index_select is about twice as fast as advanced indexing."""
+    return torch.index_select(pool, 0, index.flatten()).view(*index.shape, pool.shape[-1])
 
 
 def sliding_windows(n_frames: int, window: int) -> list[list[int]]:
