@@ -78,8 +78,8 @@ class StoryPrompt(io.ComfyNode):
             description="A whole story in StoryDiffusion's syntax -> one conditioning per frame (as one batch), the "
                         "story plan (who is in which frame, which frames are references) and the captions.",
             inputs=[
-                io.Clip.Input("clip"),
-                io.String.Input("story", multiline=True, default=EXAMPLE_STORY,
+                io.Clip.Input("clip", tooltip="The checkpoint's text encoder (SD1.5, SDXL)."),
+                io.String.Input("story", multiline=True, default=EXAMPLE_STORY, dynamic_prompts=False,
                                 tooltip="Character lines first: '[Name] what they look like'. Then one frame per "
                                         "line; [Name] in a frame is replaced by that description, several names "
                                         "make a frame with several characters, [NC] a frame with no character. "
@@ -87,7 +87,7 @@ class StoryPrompt(io.ComfyNode):
                 io.Combo.Input("style", options=list(STYLES), default="(none)",
                                tooltip="A style template wrapped around every frame prompt (and its negative "
                                        "words added to the negative prompt)."),
-                io.String.Input("custom_style", default="", multiline=False,
+                io.String.Input("custom_style", default="", multiline=False, dynamic_prompts=False,
                                 tooltip="Your own template with a {prompt} slot, e.g. 'oil painting of {prompt}, "
                                         "impasto'. Overrides 'style' when not empty."),
                 io.String.Input("negative", multiline=True,
@@ -139,7 +139,8 @@ class ConsistentSelfAttention(io.ComfyNode):
                         "attends to a random sample of the other frames' tokens, so faces, hair and clothes "
                         "converge across the story while each frame keeps its own prompt.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The diffusion model to make story-consistent (SD1.5/SDXL UNet; LoRAs "
+                                                 "applied before or after both work)."),
                 io.Float.Input("sampling_rate", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Share of each other frame's tokens a frame looks at. Higher: more alike "
                                        "characters, less varied poses. Paper default 0.5; 0.3 is too weak."),
@@ -221,7 +222,7 @@ class StorySampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A model through StoryKit Consistent Self-Attention."),
                 io.Conditioning.Input("positive", tooltip="Per-frame conditioning from StoryKit Story Prompt."),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("negative", tooltip="What no frame should show (the Story Prompt's negative)."),
                 Story.Input("story", tooltip="The story plan from StoryKit Story Prompt."),
                 io.Latent.Input("latent_image", tooltip="Size of the frames (an Empty Latent Image of batch 1), "
                                                         "or one latent per frame for img2img."),
@@ -237,11 +238,13 @@ class StorySampler(io.ComfyNode):
                                tooltip="Classifier-free guidance; the paper uses 5.0."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
                                tooltip="The paper uses DDIM; any host sampler works (the bank is keyed by sigma)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                               tooltip="How the noise levels are spaced; references and readers use the same."),
                 io.Int.Input("batch_size", default=4, min=1, max=64,
                              tooltip="Frames sampled together after the references. Memory depends on this and "
                                      "on the number of references, not on the story's length."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 draws every frame from noise; lower keeps more of latent_image."),
             ],
             outputs=[io.Latent.Output()],
         )
