@@ -272,7 +272,7 @@ class StorySampler(io.ComfyNode):
                              f"frame size) or one per frame ({n_frames})")
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
         per_frame = samples if samples.shape[0] == n_frames else samples.expand(n_frames, *samples.shape[1:])
-        seeds = [seed if seed_mode.startswith("same") else seed + i for i in range(n_frames)]
+        seeds = [seed if seed_mode.startswith("same") else (seed + i) % 2 ** 64 for i in range(n_frames)]
         noise = torch.cat([comfy.sample.prepare_noise(per_frame[i:i + 1], seeds[i]) for i in range(n_frames)])
 
         result = torch.empty_like(per_frame)
