@@ -236,3 +236,18 @@ def test_sliding_window_averages_windows_algorithm_1(tiny_sd15):
         first, second = _manual(attn, rows[[0, 1]], attn.heads, 2), _manual(attn, rows[[1, 2]], attn.heads, 2)
         expected = torch.stack([first[0], (first[1] + second[0]) / 2, second[1]])
         torch.testing.assert_close(out[half * frames:(half + 1) * frames], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_step_range_and_skip_probability_turn_sharing_off(tiny_sd15):
+    base = tiny_sd15[0].clone()
+    x, ctx = _inputs(3, halves=1, seed=4)
+    late = _patch(tiny_sd15[0].clone(), start_percent=0.9)  # only the last 10% of the schedule: low sigmas
+    always_skip = _patch(tiny_sd15[0].clone(), skip_probability=1.0)
+    half_skip = _patch(tiny_sd15[0].clone(), rate=0.5, skip_probability=0.5)
+    with torch.no_grad():
+        plain = _apply(base, x, ctx, [0], sigma=5.0)
+        torch.testing.assert_close(_apply(late, x, ctx, [0], sigma=5.0), plain, atol=0, rtol=0)
+        assert not torch.allclose(_apply(late, x, ctx, [0], sigma=0.05), _apply(base, x, ctx, [0], sigma=0.05))
+        torch.testing.assert_close(_apply(always_skip, x, ctx, [0], sigma=5.0), plain, atol=0, rtol=0)
+        first, again = _apply(half_skip, x, ctx, [0], sigma=5.0), _apply(half_skip, x, ctx, [0], sigma=5.0)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)  # the skip draw is seeded: same call, same result
