@@ -1,0 +1,196 @@
+"""Consistent Self-Attention (StoryDiffusion, Zhou et al. 2024, arXiv 2405.01434): token sampling, keys and values
+over the other frames of a story, the reference bank, and the sliding window of Algorithm 1. Plain torch.
+
+Notation (paper, Sec. 3.1): I_i are the normed hidden states of frame i in one self-attention layer, S_j the tokens
+sampled from frame j, P_i = [I_i ; S_j for the other frames j] and O_i = Attention(Q_i, K_{P_i}, V_{P_i}).
+Here the keys and values of every frame are projected once and the sampled rows gathered (exactly equal to
+projecting P_i per frame as the reference code does, and cheaper).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Callable, Sequence
+
+import torch
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample_count(n_tokens: int, rate: float) -> int:
+    """|S_j| = round(rate * N): the fixed-count form of the reference's Bernoulli(rate) token draw."""
+    return max(0, min(n_tokens, int(round(rate * n_tokens))))
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from ints, floats and strings that is the same in every process (Python's hash() is salted)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, float):
+            digest.update(struct.pack("<d", part))
+        else:
+            digest.update(repr(part).encode())
+        digest.update(b"|")
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def sample_tokens(n_tokens: int, rate: float, seed: int) -> torch.Tensor:
+    """S_j (Sec. 3.1): round(rate * N) token indices of one frame, uniform without replacement, sorted, seeded."""
+    count = sample_count(n_tokens, rate)
+    if count == n_tokens:
+        return torch.arange(n_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_tokens, generator=generator)[:count].sort().values
+
+
+def uniform(seed: int) -> float:
+    """A deterministic draw in [0, 1) for the reference's random skip of consistency on a layer call."""
+    return (seed % (1 << 53)) / float(1 << 53)
+
+
+def default_attention(heads: int) -> Attention:
+    """Multi-head scaled dot-product attention on [B, N, heads * dim] tensors (what the host's attention computes)."""
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, inner = q.shape
+        split = [t.reshape(t.shape[0], t.shape[1], heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*split)
+        return out.transpose(1, 2).reshape(b, n, inner)
+    return attend
+
+
+def key_value_index(n_tokens: int, own: int, sources: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Rows of P_i in a flat token pool: frame i's own N tokens, then each source's sampled rows (offset, indices)."""
+    parts = [torch.arange(n_tokens) + own * n_tokens]
+    parts.extend(offset + indices for offset, indices in sources)
+    return torch.cat(parts)
+
+
+def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention,
+                              sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
+                              bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
+                              bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None) -> torch.Tensor:
+    """Eq. (3)-(4): O_i = Attention(Q_i, K[I_i ; S_j, j in sources_i ; bank], V[...]) for every row i of q.
+
+    q, k, v: [R, N, D], projected. sources[i]: rows j != i of this batch whose sampled tokens samples[j] frame i
+    attends to. bank_k/bank_v: [M, D] projected bank tokens; bank_spans[i]: (start, length) slices of them for row i.
+    Rows whose key/value length agrees are gathered and attended in one batched call.
+    """
+    rows, n_tokens, dim = q.shape
+    pool_k, pool_v = k.reshape(rows * n_tokens, dim), v.reshape(rows * n_tokens, dim)
+    base = rows * n_tokens
+    if bank_k is not None and bank_k.shape[0]:
+        pool_k, pool_v = torch.cat([pool_k, bank_k.to(k.dtype)]), torch.cat([pool_v, bank_v.to(v.dtype)])
+    groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for i in range(rows):
+        if i in sources[i]:
+            raise ValueError(f"consistent self-attention: frame {i} may not sample its own tokens")
+        picked = [(j * n_tokens, samples[j]) for j in sources[i]]
+        for start, length in (bank_spans[i] if bank_spans else ()):
+            picked.append((base + start, torch.arange(length)))
+        index = key_value_index(n_tokens, i, picked)
+        groups.setdefault(index.numel(), []).append((i, index))
+    if len(groups) == 1 and next(iter(groups)) == n_tokens:
+        return attention(q, k, v)
+    if len(groups) == 1:  # every row has as many keys (the usual batch): one gather, one call, no scatter
+        index = torch.stack([ix for _, ix in next(iter(groups.values()))]).to(k.device)
+        return attention(q, _gather(pool_k, index), _gather(pool_v, index))
+    out = torch.empty_like(q)
+    for members in groups.values():
+        rows_of = [i for i, _ in members]
+        index = torch.stack([ix for _, ix in members]).to(k.device)
+        out[rows_of] = attention(q[rows_of], _gather(pool_k, index), _gather(pool_v, index))
+    return out
+
+
+def _gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """pool[index] for a [G, L] index into [P, D] rows; index_select is about twice as fast as advanced indexing."""
+    return torch.index_select(pool, 0, index.flatten()).view(*index.shape, pool.shape[-1])
+
+
+def sliding_windows(n_frames: int, window: int) -> list[list[int]]:
+    """Algorithm 1's windows: W consecutive frames, stride ceil(W / 2), the last one ending at the last frame."""
+    if window <= 1 or n_frames <= window:
+        return [list(range(n_frames))]
+    stride = max(1, math.ceil(window / 2))
+    starts = list(range(0, n_frames - window + 1, stride))
+    if starts[-1] != n_frames - window:
+        starts.append(n_frames - window)
+    return [list(range(s, s + window)) for s in starts]
+
+
+def windowed(rows: int, window: int, run: Callable[[list[int]], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1: run CSA inside each window of frames and average the outputs of the windows covering a frame."""
+    windows = sliding_windows(rows, window)
+    if len(windows) == 1:
+        return run(windows[0])
+    total = torch.zeros_like(like)
+    count = torch.zeros(rows, dtype=like.dtype, device=like.device)
+    for members in windows:
+        total[members] += run(members)
+        count[members] += 1
+    return total / count.view(-1, *([1] * (like.ndim - 1)))
+
+
+class ReferenceBank:
+    """The reference frames' sampled tokens S_j per layer, CFG half and sigma (Sec. 3.1, "reference images").
+
+    Entries are keyed by sigma, not by call count, so samplers that call the model several times per step read the
+    step they are at. Stored in `dtype` on `storage` (the CPU by default); `read` streams one layer's entry to the
+    device that needs it. `device_budget` bytes may stay on the compute device when storage is "auto".
+    """
+
+    def __init__(self, dtype: torch.dtype | None = torch.float16, storage: str = "cpu",
+                 device_budget: int = 1 << 30):
+        if storage not in ("cpu", "device", "auto"):
+            raise ValueError(f"bank storage must be 'cpu', 'device' or 'auto', not {storage!r}")
+        self.dtype, self.storage, self.device_budget = dtype, storage, device_budget
+        self.entries: dict[tuple, dict[float, dict[int, torch.Tensor]]] = {}
+        self._device_bytes = 0
+
+    def _place(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.detach().to(self.dtype or tokens.dtype)
+        keep = self.storage == "device" or (
+            self.storage == "auto" and self._device_bytes + tokens.nbytes <= self.device_budget)
+        if keep or tokens.device.type == "cpu":
+            if tokens.device.type != "cpu":
+                self._device_bytes += tokens.nbytes
+            return tokens.clone()
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(tokens)
+        return host
+
+    def write(self, layer: tuple, half: int, sigma: float, frame: int, tokens: torch.Tensor) -> None:
+        """Store S_frame of one layer, CFG half (0 cond, 1 uncond) and step sigma."""
+        self.entries.setdefault((layer, half), {}).setdefault(float(sigma), {})[frame] = self._place(tokens)
+
+    def frames(self) -> set[int]:
+        return {f for by_sigma in self.entries.values() for by_frame in by_sigma.values() for f in by_frame}
+
+    def nearest_sigma(self, layer: tuple, half: int, sigma: float) -> float | None:
+        """The stored sigma closest to `sigma` in log space (equal schedules give exact matches)."""
+        by_sigma = self.entries.get((layer, half))
+        if not by_sigma:
+            return None
+        return min(by_sigma, key=lambda s: abs(math.log(max(s, 1e-12)) - math.log(max(sigma, 1e-12))))
+
+    def read(self, layer: tuple, half: int, sigma: float, frames: Sequence[int],
+             device: torch.device) -> dict[int, torch.Tensor]:
+        """The stored S_f of the given frames at the nearest sigma, moved to `device` (one layer at a time)."""
+        key = self.nearest_sigma(layer, half, sigma)
+        if key is None:
+            return {}
+        stored = self.entries[(layer, half)][key]
+        return {f: stored[f].to(device, non_blocking=True) for f in frames if f in stored}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for by_sigma in self.entries.values() for by_frame in by_sigma.values()
+                   for t in by_frame.values())
+
+    def device_nbytes(self) -> int:
+        return sum(t.nbytes for by_sigma in self.entries.values() for by_frame in by_sigma.values()
+                   for t in by_frame.values() if t.device.type != "cpu")
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._device_bytes = 0

@@ -1,0 +1,169 @@
+"""StoryDiffusion's story syntax -> a story plan: characters, per-frame prompts, captions and reference frames.
+
+    [Lena] a young woman with short red hair, green raincoat      <- character line (before the first frame)
+    [Lena] wakes up in a small attic room # Morning.              <- frame: [Lena] becomes her description
+    [Lena] and [Bob] meet at the market # They meet.              <- a frame with two characters
+    [NC] an empty street in the rain                              <- no character: plain self-attention
+
+Plain Python (no torch, no ComfyUI): the node turns the plan into conditioning, the sampler into batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+NO_CHARACTER = "NC"
+TAG = re.compile(r"\[([^\[\]]+)\]")
+
+
+@dataclass(frozen=True)
+class Frame:
+    index: int
+    prompt: str                     # with descriptions substituted and the style applied
+    characters: tuple[str, ...]     # canonical names, in order of mention
+    caption: str
+    line: int                       # 1-based line in the story text
+    reference: bool = False
+
+
+@dataclass
+class StoryPlan:
+    characters: dict[str, str]      # canonical name -> description
+    frames: list[Frame]
+    negative: str = ""
+    references_per_character: int = 2
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def captions(self) -> list[str]:
+        return [f.caption for f in self.frames]
+
+    def reference_indices(self) -> list[int]:
+        return [f.index for f in self.frames if f.reference]
+
+    def reader_indices(self) -> list[int]:
+        return [f.index for f in self.frames if not f.reference]
+
+
+def _fail(where: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"StoryKit Story Prompt: {where}: {problem}. {fix}")
+
+
+def apply_style(template: str, prompt: str) -> str:
+    """Put a frame prompt into a style template with a `{prompt}` slot (no slot: the style is appended)."""
+    template = template.strip()
+    if not template:
+        return prompt
+    if "{prompt}" in template:
+        return template.replace("{prompt}", prompt)
+    return f"{prompt}, {template}"
+
+
+def parse_story(text: str, style: str = "", references_per_character: int = 2,
+                reference_mode: str = "auto") -> StoryPlan:
+    """Parse the story text; raise ValueError naming the line and the fix for every malformed part.
+
+    reference_mode "auto": each character's first frames where it appears alone (then frames it shares) are its
+    references. "first": the first `references_per_character` frames of the story are the references, as in the
+    StoryDiffusion app; each must show a character.
+    """
+    if references_per_character < 1:
+        raise _fail("references", "needs at least 1 reference frame per character", "Set it to 1 or more.")
+    characters: dict[str, str] = {}
+    canonical: dict[str, str] = {}
+    defined_on: dict[str, int] = {}
+    frames: list[Frame] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        body, caption = (line.rsplit("#", 1) + [""])[:2] if "#" in line else (line, "")
+        body, caption = body.strip(), caption.strip()
+        where = f"line {number} ({line[:40]}{'...' if len(line) > 40 else ''})"
+        head = re.match(r"^\[([^\[\]]+)\]\s*(.*)$", body)
+        if not frames and head and head.group(1).strip().upper() != NO_CHARACTER \
+                and head.group(1).strip().lower() not in canonical:
+            name, description = head.group(1).strip(), head.group(2).strip()
+            if not description:
+                raise _fail(where, f"the character line [{name}] has no description",
+                            f"Write what [{name}] looks like after the name, e.g. '[{name}] a man with a grey beard'.")
+            if caption:
+                raise _fail(where, f"the character line [{name}] has a caption ('# {caption}')",
+                            "Captions belong on frame lines; remove the '#' part.")
+            canonical[name.lower()] = name
+            characters[name] = description
+            defined_on[name] = number
+            continue
+        names: list[str] = []
+        no_character = False
+        for tag in TAG.findall(body):
+            key = tag.strip()
+            if key.upper() == NO_CHARACTER:
+                no_character = True
+                continue
+            if key.lower() not in canonical:
+                known = ", ".join(f"[{n}]" for n in characters) or "none yet"
+                raise _fail(where, f"the frame names [{key}], who has no character line",
+                            f"Add a line '[{key}] description' before the first frame, or fix the name "
+                            f"(characters: {known}).")
+            name = canonical[key.lower()]
+            if name not in names:
+                names.append(name)
+        if no_character and names:
+            raise _fail(where, "[NC] (no character) is on a frame that also names "
+                        + ", ".join(f"[{n}]" for n in names), "Remove [NC] or the character names.")
+
+        def substitute(match: re.Match) -> str:
+            key = match.group(1).strip()
+            return "" if key.upper() == NO_CHARACTER else characters[canonical[key.lower()]]
+
+        prompt = re.sub(r"\s+", " ", TAG.sub(substitute, body)).strip(" ,")
+        scene = re.sub(r"\s+", " ", TAG.sub("", body)).strip(" ,")
+        if not scene and not names:
+            raise _fail(where, "the frame is empty", "Describe what happens in it, or delete the line.")
+        if not prompt:
+            raise _fail(where, "the frame has no prompt", "Describe what happens in it, or delete the line.")
+        frames.append(Frame(index=len(frames), prompt=apply_style(style, prompt), characters=tuple(names),
+                            caption=caption, line=number))
+    if not frames:
+        raise _fail("story", "there are no frame lines" if characters else "the story is empty",
+                    "Write one frame per line after the character lines, e.g. '[Lena] reads a letter # Caption'.")
+    unused = [n for n in characters if not any(n in f.characters for f in frames)]
+    if unused:
+        first = unused[0]
+        raise _fail(f"line {defined_on[first]}", f"[{first}] has a character line but no frame mentions [{first}]",
+                    f"Mention [{first}] in a frame, delete the line, or if line {defined_on[first]} was meant as a "
+                    "frame, fix the name in it.")
+    plan = StoryPlan(characters=characters, frames=frames, references_per_character=references_per_character)
+    plan.frames = _mark_references(plan, reference_mode)
+    return plan
+
+
+def _mark_references(plan: StoryPlan, mode: str) -> list[Frame]:
+    count = plan.references_per_character
+    chosen: set[int] = set()
+    if mode == "first":
+        for frame in plan.frames[:count]:
+            if not frame.characters:
+                raise _fail(f"line {frame.line}", f"frame {frame.index + 1} has no character but falls in the "
+                            f"reference slots (the first {count} frames)",
+                            "Move the [NC] frame later, or lower 'references per character'.")
+            chosen.add(frame.index)
+        for name in plan.characters:
+            if not any(name in plan.frames[i].characters for i in chosen):
+                raise _fail("references", f"[{name}] is in none of the first {count} frames, the reference frames",
+                            f"Move a frame showing [{name}] to the top, raise 'references per character', or use "
+                            "the 'auto' reference mode.")
+    elif mode == "auto":
+        for name in plan.characters:
+            solo = [f.index for f in plan.frames if f.characters == (name,)]
+            shared = [f.index for f in plan.frames if name in f.characters and len(f.characters) > 1]
+            picked = (solo + shared)[:count]
+            if len(solo) < count:
+                plan.notes.append(f"[{name}] appears alone in {len(solo)} frame(s); "
+                                  f"{len(picked) - min(len(solo), count)} shared frame(s) used as references")
+            chosen.update(picked)
+    else:
+        raise _fail("reference mode", f"unknown mode {mode!r}", "Use 'auto' or 'first'.")
+    return [dataclasses.replace(f, reference=f.index in chosen) for f in plan.frames]
