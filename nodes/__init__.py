@@ -31,4 +31,9 @@ def load_nodes(strict: bool = False) -> list[type[io.ComfyNode]]:
 
 class StoryKitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        try:
+            from . import story_routes
+            story_routes.register()
+        except Exception:  # the preview is a convenience: the nodes work without it
+            log.exception("StoryKit: the story preview route could not be added")
         return load_nodes()

@@ -86,6 +86,19 @@ def test_pack_nodes_and_workflows_are_served(server):
     assert f"{base / 'custom_nodes' / 'storykit'}" in log  # listed among the custom nodes it imported, log[-2000:]
 
 
+def test_front_end_extension_and_its_route_are_served(server):
+    url, _ = server
+    scripts = _get(url + "/extensions")
+    assert "/extensions/storykit/story_prompt.js" in scripts
+    with urllib.request.urlopen(url + "/extensions/storykit/story_prompt.js", timeout=10) as r:  # noqa: S310
+        assert b"StoryKitStoryPrompt" in r.read()
+    ok = _post(url + "/storykit/story/preview", {"story": "[Ann] a girl\n[Ann] waves # Hi.",
+                                                 "references_per_character": 1})
+    assert ok["ok"] and ok["frames"][0]["caption"] == "Hi."
+    bad = _post(url + "/storykit/story/preview", {"story": "[Ann] a girl\n[Ann] waves\n[Bob] runs"})
+    assert not bad["ok"] and "[Bob]" in bad["error"]
+
+
 def test_shipped_workflow_runs_over_http(server, random_sd15_checkpoint):
     url, base = server
     workflow = json.loads((PACK_DIR / "workflows" / "storykit_sd15_basic.json").read_text())
