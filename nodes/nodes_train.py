@@ -48,11 +48,13 @@ TEXT_LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-def _autocast(precision: str):
+def _autocast(precision: str, half_weights: torch.dtype | None = None):
+    """bf16 autocast when asked (or on capable GPUs for 'auto'); always on for fp32 master copies of half weights."""
     device = comfy.model_management.get_torch_device()
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
                                         and comfy.model_management.should_use_bf16(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    dtype = torch.bfloat16 if use_bf16 else half_weights
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _sub_encoders(clip) -> list[str]:
@@ -75,11 +77,10 @@ def _encode(clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
     return cond, pooled
 
 
-def _prepare(model, clip) -> None:
-    """Load the models the host's way, then make their weights usable by autograd (values unchanged)."""
-    patchers = [model] + ([clip.patcher] if clip is not None else [])
-    comfy.model_management.load_models_gpu(patchers, force_full_load=True)
-    for p in patchers:
+def _prepare(model, clip, backprop_clip: bool) -> None:
+    """Load the models the host's way, then make the weights autograd passes through usable by it (values unchanged)."""
+    comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+    for p in [model, clip.patcher] if backprop_clip else [model]:
         tr.thaw(p.model)
         tr.freeze(p.model)
 
@@ -172,7 +173,7 @@ def train_textual_inversion(model, clip, vae, images, *, token: str, initializer
         marked = [session.prompt_tokens(t) for t in templates]
         keys = session.embedding_keys()
         with tr.grad_mode():
-            _prepare(model, clip)
+            _prepare(model, clip, backprop_clip=True)
             latents = tr.encode_latents(model, vae, images, resolution, flips)
             params = {k: torch.nn.Parameter(v) for k, v in session.initial_rows(initializer_word, node).items()}
             optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=0.0)
@@ -408,7 +409,7 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
     unet = model.model.diffusion_model
     te = clip.cond_stage_model
     with tr.grad_mode():
-        _prepare(model, clip)
+        _prepare(model, clip, backprop_clip=train_text_encoder)
         latents = tr.encode_latents(model, vae, instance_images, resolution, flips)
         text = {k: (tr.clone_in(c), None if p is None else tr.clone_in(p)) for k, (c, p) in encoded.items()}
         prior = tr.clone_in(class_latents).float() if (prior_preservation and class_latents is not None) else None
@@ -416,10 +417,12 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
             prior = model.model.process_latent_in(prior)
         gen = torch.Generator().manual_seed(seed)
         groups, loras, originals, full = [], {}, {}, {}
+        weight_dtype = model.model.get_dtype()
+        half_weights = weight_dtype if (not lora_mode and weight_dtype in (torch.float16, torch.bfloat16)) else None
         if lora_mode:
             loras = _attach_lora(unet, "diffusion_model.", LORA_TARGETS, rank, alpha, gen)
             groups.append({"params": [p for m in loras.values() for p in m.parameters()], "lr": learning_rate})
-        else:
+        else:  # fp32 master copies; a half-precision model then computes under autocast in its own dtype
             for pname, p in list(unet.named_parameters()):
                 originals[pname] = p
                 full[pname] = torch.nn.Parameter(p.detach().float().clone())
@@ -469,7 +472,7 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
             x0 = latents[torch.randint(len(latents), (batch_size,), generator=g)]
             noise = torch.randn(x0.shape, generator=g)
             sigma = tr.sample_sigmas(ms, batch_size, g)
-            with _autocast(precision):
+            with _autocast(precision, half_weights):
                 eps = tr.predict_noise(model, x0, noise, sigma, *conds(instance_prompt, batch_size))
                 if prior is not None:
                     xp = prior[torch.randint(len(prior), (batch_size,), generator=g)]

@@ -43,8 +43,11 @@ def thaw(module: torch.nn.Module) -> None:
 
     Autograd cannot save an inference tensor for backward, and a frozen layer between the input and a trained
     parameter must save its weight. The values are bit-identical, so every other user of the module is unaffected.
+    Embedding tables are left alone: a lookup never saves its table, and the token table is the biggest tensor.
     """
     for mod in module.modules():
+        if isinstance(mod, torch.nn.Embedding):
+            continue
         for name, p in list(mod._parameters.items()):
             if p is not None and p.is_inference():
                 mod._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
