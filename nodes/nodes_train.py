@@ -85,6 +85,16 @@ def _prepare(model, clip, backprop_clip: bool) -> None:
         tr.freeze(p.model)
 
 
+def _subject_inputs(images: str, clip_tooltip: str) -> list:
+    """The inputs both trainers start with: the frozen checkpoint parts and the subject's pictures."""
+    return [
+        io.Model.Input("model", tooltip="The checkpoint's MODEL; the input itself stays unchanged."),
+        io.Clip.Input("clip", tooltip=clip_tooltip),
+        io.Vae.Input("vae", tooltip="Encodes the pictures once (cached latents)."),
+        io.Image.Input(images, tooltip="3-5 pictures of the subject (a batch); centre-cropped to square."),
+    ]
+
+
 def _check_images(node: str, images, name: str = "images") -> None:
     if images is None or images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"{node}: '{name}' needs at least one picture; connect a Load Image (batch) node")
@@ -237,10 +247,7 @@ class StoryKitTrainTextualInversion(io.ComfyNode):
                         "new vectors train: the model, text encoder and VAE are untouched. The embedding is saved "
                         "in the embeddings folder; write embedding:<name> in any prompt.",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL; it stays unchanged."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; SDXL trains CLIP-L and CLIP-G rows together."),
-                io.Vae.Input("vae", tooltip="Encodes the pictures once (cached latents)."),
-                io.Image.Input("images", tooltip="3-5 pictures of the subject (a batch); centre-cropped to square."),
+                *_subject_inputs("images", "The checkpoint's CLIP; SDXL trains CLIP-L and CLIP-G rows together."),
                 io.String.Input("token_name", default="storykit_hero",
                                 tooltip="File name of the embedding; use it as embedding:<name> in prompts. An "
                                         "existing file is never overwritten (a numbered name is used)."),
@@ -469,27 +476,30 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
             return c.expand(n, -1, -1), None if p is None else p.expand(n, -1)
 
         def step_fn(step: int, g: torch.Generator) -> dict[str, float]:
+            # Eq. 2's two terms are backpropagated one after the other (gradients add up to the gradient of the
+            # sum), so only one pass's activations are alive at a time.
+            optimizer.zero_grad(set_to_none=True)
             x0 = latents[torch.randint(len(latents), (batch_size,), generator=g)]
             noise = torch.randn(x0.shape, generator=g)
             sigma = tr.sample_sigmas(ms, batch_size, g)
             with _autocast(precision, half_weights):
                 eps = tr.predict_noise(model, x0, noise, sigma, *conds(instance_prompt, batch_size))
-                if prior is not None:
-                    xp = prior[torch.randint(len(prior), (batch_size,), generator=g)]
-                    noise_p = torch.randn(xp.shape, generator=g)
-                    sigma_p = tr.sample_sigmas(ms, batch_size, g)
-                    eps_p = tr.predict_noise(model, xp, noise_p, sigma_p, *conds(class_prompt, batch_size))
-            if prior is not None:
-                loss, inst, pri = tk.prior_preservation_loss(eps, noise.to(eps.device), eps_p,
-                                                             noise_p.to(eps.device), prior_weight)
-                out = {"loss": float(loss.detach()), "instance": float(inst.detach()), "prior": float(pri.detach())}
-            else:
-                loss = tk.noise_prediction_mse(eps, noise.to(eps.device))
-                out = {"loss": float(loss.detach())}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            noise = noise.to(eps.device)
+            instance = tk.noise_prediction_mse(eps, noise)
+            instance.backward()
+            if prior is None:
+                optimizer.step()
+                return {"loss": float(instance.detach())}
+            xp = prior[torch.randint(len(prior), (batch_size,), generator=g)]
+            noise_p = torch.randn(xp.shape, generator=g)
+            sigma_p = tr.sample_sigmas(ms, batch_size, g)
+            with _autocast(precision, half_weights):
+                eps_p = tr.predict_noise(model, xp, noise_p, sigma_p, *conds(class_prompt, batch_size))
+            noise_p = noise_p.to(eps_p.device)
+            (prior_weight * tk.noise_prediction_mse(eps_p, noise_p)).backward()
             optimizer.step()
-            return out
+            total, inst, pri = tk.prior_preservation_loss(eps.detach(), noise, eps_p.detach(), noise_p, prior_weight)
+            return {"loss": float(total), "instance": float(inst), "prior": float(pri)}
 
         try:
             with tr.gradient_checkpointing(unet, gradient_checkpointing), \
@@ -542,11 +552,8 @@ class StoryKitTrainDreamBooth(io.ComfyNode):
                         "preservation (Ruiz et al. 2023). Gives the trained MODEL and CLIP for this graph and saves "
                         "a LoRA (Load LoRA reads it) or a checkpoint.",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL; the input stays unchanged."),
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (encodes the captions; trains with a LoRA when "
-                                              "train_text_encoder is on)."),
-                io.Vae.Input("vae", tooltip="Encodes the pictures once (cached latents)."),
-                io.Image.Input("instance_images", tooltip="3-5 pictures of the subject (a batch)."),
+                *_subject_inputs("instance_images", "The checkpoint's CLIP (encodes the captions; trains with a "
+                                                    "LoRA when train_text_encoder is on)."),
                 io.String.Input("identifier", default="sks",
                                 tooltip="Rare word that will mean your subject (see Propose Rare Identifiers). "
                                         "Prompts then say 'a sks person'."),
