@@ -649,27 +649,38 @@ def _encode_class_images(vae, images, resolution):
 
 
 # ---------------------------------------------------------------------------------------------- identifiers
-def rare_identifiers(clip, count: int, min_letters: int = 3, max_letters: int = 3) -> list[str]:
-    """Short words that are ONE token in every encoder of this CLIP, latest BPE merges first (weakest prior).
+def rare_identifiers(clip, count: int, min_letters: int = 3, max_letters: int = 3, pool: int = 4) -> list[str]:
+    """Short words that are ONE token in every encoder of this CLIP and carry a weak prior, weakest first.
 
-    Ruiz et al. pick rare tokens and decode them to text; in CLIP's BPE a late merge (a high id) is a rare one.
+    Ruiz et al. pick rare tokens and decode them to text. Candidates: the latest BPE merges (a high id is a rare
+    merge) that are single lower-case tokens; then `pool` x count of them are ranked by how far the word moves the
+    prompt "a photo of a" in this text encoder's pooled output (a strong prior, like 'dbz', moves it far).
     """
     keys = _sub_encoders(clip)
     subs = [getattr(clip.tokenizer, f"clip_{k}") for k in keys]
     vocab = subs[0].tokenizer.get_vocab()
-    vowels = set("aeiou")
     found = []
     for piece, _ in sorted(vocab.items(), key=lambda kv: -kv[1]):
         word = piece[:-4] if piece.endswith("</w>") else None
         if not word or not (min_letters <= len(word) <= max_letters) or not word.isascii() or not word.isalpha():
             continue
-        if not word.islower() or len(set(word) & vowels) > 1:
+        if not word.islower():
             continue
         if all(len(s.tokenizer(word)["input_ids"][s.tokens_start:-1]) == 1 for s in subs):
             found.append(word)
-        if len(found) >= count:
+        if len(found) >= pool * count:
             break
-    return found
+    with torch.no_grad():
+        base = _encode(clip, _tokenize(clip, clip.tokenizer, "a photo of a"))
+        if base[1] is None:
+            return found[:count]
+
+        def prior_strength(word: str) -> float:
+            pooled = _encode(clip, _tokenize(clip, clip.tokenizer, f"a photo of a {word}"))[1]
+            return float(1 - torch.nn.functional.cosine_similarity(pooled.float(), base[1].float()).mean())
+
+        scored = sorted(found, key=prior_strength)
+    return scored[:count]
 
 
 class StoryKitRareIdentifiers(io.ComfyNode):
@@ -679,9 +690,9 @@ class StoryKitRareIdentifiers(io.ComfyNode):
             node_id="StoryKitRareIdentifiers",
             display_name="Propose Rare Identifiers (StoryKit)",
             category="StoryKit/train",
-            description="Suggests DreamBooth identifiers for this model's tokenizer: short words that are a single "
-                        "rare token (weak prior), unlike English words or random letters that split into strong "
-                        "tokens.",
+            description="Suggests DreamBooth identifiers for this model: short words that are a single rare token "
+                        "(late BPE merge), ranked by how little they move the text encoder's reading of 'a photo "
+                        "of a' (weak prior). English words and random letters split into strong tokens.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP whose tokenizer the identifier must suit."),
                 io.Int.Input("count", default=10, min=1, max=200, tooltip="How many candidates to list."),

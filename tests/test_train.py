@@ -289,7 +289,7 @@ def test_full_finetune_lowers_loss_and_saves_checkpoint(host, tiny_sd15, mod, tr
         out_model, out_clip, path, history = mod.train_dreambooth(
             model, clip, vae, subject(), identifier="sks", class_noun="person", prior_preservation=False,
             prior_weight=1.0, class_latents=None, mode="full fine-tune", rank=4, alpha=4.0,
-            train_text_encoder=False, learning_rate=1e-3, text_encoder_lr=1e-4, steps=15, batch_size=1,
+            train_text_encoder=False, learning_rate=2e-3, text_encoder_lr=1e-4, steps=10, batch_size=1,
             resolution=RES, gradient_checkpointing=False, seed=0, name="db_full", flips=False)
     loss_after = fixed_eval_loss(tr, out_model, latents, cond, pooled)
     assert loss_after < 0.98 * loss_before, (loss_before, loss_after)
