@@ -7,12 +7,13 @@ SD1.5-shaped and SDXL-shaped models (runner/testmodels.py), with the models buil
 torch.inference_mode() as the executor runs nodes. Same data (3 synthetic pictures), batch 1, rank 8, AdamW. Every configuration runs `--rounds` times, interleaved with
 the others, and the fastest round is reported.
 
-- Time: the host's ProgressBar hook stamps every finished step (both trainers report through it); seconds per step
-  is the median interval after `--warmup` steps.
+- Time: the host's ProgressBar hook stamps every finished step (both trainers report through it); per step is the
+  median interval after `--warmup` steps, in wall-clock seconds and in CPU seconds of the process (all threads:
+  time.process_time), the latter being what to compare on a machine shared with other jobs.
 - Memory: on CUDA torch.cuda.max_memory_allocated. On CPU (no allocator statistics; process RSS is dominated by
-  the host's own start-up peak) by counting tensor bytes: the largest per-step total of the tensors autograd saves
-  for backward (torch.autograd.graph.saved_tensors_hooks, unique storages, the models' own Parameters excluded,
-  so weights a trainer materialises per step do count), plus the trainable state (parameters, gradients and two
+  the host's own start-up peak) by counting tensor bytes: the peak of the bytes autograd holds for backward
+  (torch.autograd.graph.saved_tensors_hooks: added when packed, released when unpacked in backward; unique
+  storages; the models' own Parameters excluded, so weights a trainer materialises per step do count), plus the trainable state (parameters, gradients and two
   AdamW moments: 16 bytes per fp32 parameter).
 """
 from __future__ import annotations
@@ -59,23 +60,38 @@ def child(spec: dict) -> dict:
     images = torch.rand(3, res, res, 3, generator=gen)
     cuda = torch.cuda.is_available()
 
-    stamps: list[float] = []
-    saved: dict[int, int] = {}
-    peak_saved = [0]
+    stamps: list[tuple[float, float]] = []
+    live: dict[int, list[int]] = {}  # storage -> [pack count, bytes]
+    held, peak_saved = [0], [0]
 
     def on_step(value, total, preview, node_id=None):
-        stamps.append(time.perf_counter())
-        peak_saved[0] = max(peak_saved[0], sum(saved.values()))
-        saved.clear()
+        stamps.append((time.perf_counter(), time.process_time()))
+        live.clear()
+        held[0] = 0
 
     def pack(t):
         base = t if t._base is None else t._base
-        if not isinstance(base, torch.nn.Parameter):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if isinstance(base, torch.nn.Parameter):
+            return (t, None)
+        key = t.untyped_storage().data_ptr()
+        entry = live.setdefault(key, [0, t.untyped_storage().nbytes()])
+        if entry[0] == 0:
+            held[0] += entry[1]
+            peak_saved[0] = max(peak_saved[0], held[0])
+        entry[0] += 1
+        return (t, key)
+
+    def unpack(packed):
+        t, key = packed
+        entry = live.get(key)
+        if entry is not None and entry[0] > 0:
+            entry[0] -= 1
+            if entry[0] == 0:
+                held[0] -= entry[1]
         return t
 
     comfy.utils.set_progress_bar_global_hook(on_step)
-    with torch.inference_mode(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.inference_mode(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         model, clip, vae = testmodels.build_unet(kind, 0), testmodels.build_clip(kind, 1), testmodels.build_vae(2)
         unet_mb = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters()) / 2 ** 20
         if cuda:
@@ -106,9 +122,10 @@ def child(spec: dict) -> dict:
             result["error"] = f"{type(exc).__name__}: {exc}"
     state = 16 * result.get("trainable_params", 0)
     result["peak_mb"] = (torch.cuda.max_memory_allocated() if cuda else peak_saved[0] + state) / 2 ** 20
-    intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][spec["warmup"]:]
-    if intervals and "error" not in result:
-        result["sec_per_step"] = sorted(intervals)[len(intervals) // 2]
+    for i, key in enumerate(("sec_per_step", "cpu_per_step")):
+        intervals = [b[i] - a[i] for a, b in zip(stamps, stamps[1:], strict=False)][spec["warmup"]:]
+        if intervals and "error" not in result:
+            result[key] = sorted(intervals)[len(intervals) // 2]
     return result
 
 
@@ -166,7 +183,7 @@ def main() -> None:
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 result = json.loads(line[7:]) if line else {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
                 old = best.get(name)
-                if old is None or result.get("sec_per_step", 1e9) < old.get("sec_per_step", 1e9):
+                if old is None or result.get("cpu_per_step", 1e9) < old.get("cpu_per_step", 1e9):
                     best[name] = result
         for name, result in best.items():
             rows.append((kind, name, result))
@@ -178,7 +195,8 @@ def _print_row(kind: str, name: str, r: dict) -> None:
     if "error" in r:
         sys.stdout.write(f"{kind:5} {name:42} FAILED {r['error'][:150]}\n")
     else:
-        sys.stdout.write(f"{kind:5} {name:42} {r.get('sec_per_step', float('nan')):7.3f} s/step  "
+        sys.stdout.write(f"{kind:5} {name:42} {r.get('cpu_per_step', float('nan')):7.3f} CPU s/step "
+                         f"({r.get('sec_per_step', float('nan')):6.3f} wall)  "
                          f"training memory {r['peak_mb']:7.1f} MiB  trainable {r.get('trainable_params', 0) / 1e6:6.3f} M  "
                          f"(UNet {r['unet_mb']:.1f} MiB)\n")
     sys.stdout.flush()
@@ -192,9 +210,9 @@ def _print_ratios(rows) -> None:
     for kind in sorted({k for k, _, _ in rows}):
         for ours, theirs in pairs:
             a, b = table.get((kind, ours)), table.get((kind, theirs))
-            if not a or not b or "error" in a or "error" in b or "sec_per_step" not in a or "sec_per_step" not in b:
+            if not a or not b or "error" in a or "error" in b or "cpu_per_step" not in a or "cpu_per_step" not in b:
                 continue
-            sys.stdout.write(f"{kind:5} {ours} vs {theirs}: time x{a['sec_per_step'] / b['sec_per_step']:.2f}, "
+            sys.stdout.write(f"{kind:5} {ours} vs {theirs}: CPU time x{a['cpu_per_step'] / b['cpu_per_step']:.2f}, "
                              f"training memory x{a['peak_mb'] / max(b['peak_mb'], 1e-6):.2f}\n")
 
 
