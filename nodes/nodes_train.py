@@ -426,82 +426,83 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
         groups, loras, originals, full = [], {}, {}, {}
         weight_dtype = model.model.get_dtype()
         half_weights = weight_dtype if (not lora_mode and weight_dtype in (torch.float16, torch.bfloat16)) else None
-        if lora_mode:
-            loras = _attach_lora(unet, "diffusion_model.", LORA_TARGETS, rank, alpha, gen)
-            groups.append({"params": [p for m in loras.values() for p in m.parameters()], "lr": learning_rate})
-        else:  # fp32 master copies; a half-precision model then computes under autocast in its own dtype
-            for pname, p in list(unet.named_parameters()):
-                originals[pname] = p
-                full[pname] = torch.nn.Parameter(p.detach().float().clone())
-                _set_param(unet, pname, full[pname])
-            groups.append({"params": list(full.values()), "lr": learning_rate})
-        te_loras = {}
-        if train_text_encoder:
-            te_loras = _attach_lora(te, "text_encoders.", TEXT_LORA_TARGETS, rank, alpha, gen)
-            groups.append({"params": [p for m in te_loras.values() for p in m.parameters()], "lr": text_encoder_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=1e-2 if lora_mode else 0.0)
-        handles = [m.target.register_forward_hook(m.hook) for m in (*loras.values(), *te_loras.values())]
-        history: dict[str, list[float]] = {}
-        start = 0
-        resume = tr.resolve_resume(folder, resume_from, node)
-        if resume is not None:
-            _load_loras(node, resume, {**loras, **te_loras})
-            history = tr.load_train_state(resume, [optimizer])
-            start = tr.checkpoint_step(resume)
-        ms = model.model.model_sampling
-
-        def state_dict() -> dict[str, torch.Tensor]:
-            if lora_mode:
-                return lora_state_dict({**loras, **te_loras})
-            clip_sd = clip.get_sd()
-            for key, lora in te_loras.items():  # bake the text-encoder LoRA into the checkpoint's CLIP weights
-                wkey = key[len("text_encoders."):] + ".weight"
-                clip_sd[wkey] = clip_sd[wkey] + tk.lora_delta(lora.down.detach(), lora.up.detach(),
-                                                              lora.alpha).to(clip_sd[wkey])
-            return model.model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
-
-        def save(step: int, path: Path | None = None) -> Path:
-            path = path or folder / tr.CHECKPOINT_DIR / f"{stem}_s{step:06}.safetensors"
-            meta = {"storykit.step": str(step), "storykit.instance_prompt": instance_prompt,
-                    "storykit.class_prompt": class_prompt, "storykit.mode": mode}
-            tr.atomic_save(state_dict(), path, meta)
-            tr.save_train_state(path, [optimizer], history, step)
-            return path
-
-        def conds(prompt: str, n: int):
-            if train_text_encoder:
-                c, p = _encode(clip, tokens[prompt])
-            else:
-                c, p = text[prompt]
-            return c.expand(n, -1, -1), None if p is None else p.expand(n, -1)
-
-        def step_fn(step: int, g: torch.Generator) -> dict[str, float]:
-            # Eq. 2's two terms are backpropagated one after the other (gradients add up to the gradient of the
-            # sum), so only one pass's activations are alive at a time.
-            optimizer.zero_grad(set_to_none=True)
-            x0 = latents[torch.randint(len(latents), (batch_size,), generator=g)]
-            noise = torch.randn(x0.shape, generator=g)
-            sigma = tr.sample_sigmas(ms, batch_size, g)
-            with _autocast(precision, half_weights):
-                eps = tr.predict_noise(model, x0, noise, sigma, *conds(instance_prompt, batch_size))
-            noise = noise.to(eps.device)
-            instance = tk.noise_prediction_mse(eps, noise)
-            instance.backward()
-            if prior is None:
-                optimizer.step()
-                return {"loss": float(instance.detach())}
-            xp = prior[torch.randint(len(prior), (batch_size,), generator=g)]
-            noise_p = torch.randn(xp.shape, generator=g)
-            sigma_p = tr.sample_sigmas(ms, batch_size, g)
-            with _autocast(precision, half_weights):
-                eps_p = tr.predict_noise(model, xp, noise_p, sigma_p, *conds(class_prompt, batch_size))
-            noise_p = noise_p.to(eps_p.device)
-            (prior_weight * tk.noise_prediction_mse(eps_p, noise_p)).backward()
-            optimizer.step()
-            total, inst, pri = tk.prior_preservation_loss(eps.detach(), noise, eps_p.detach(), noise_p, prior_weight)
-            return {"loss": float(total), "instance": float(inst), "prior": float(pri)}
-
+        handles = []
         try:
+            if lora_mode:
+                loras = _attach_lora(unet, "diffusion_model.", LORA_TARGETS, rank, alpha, gen)
+                groups.append({"params": [p for m in loras.values() for p in m.parameters()], "lr": learning_rate})
+            else:  # fp32 master copies; a half-precision model then computes under autocast in its own dtype
+                for pname, p in list(unet.named_parameters()):
+                    originals[pname] = p
+                    full[pname] = torch.nn.Parameter(p.detach().float().clone())
+                    _set_param(unet, pname, full[pname])
+                groups.append({"params": list(full.values()), "lr": learning_rate})
+            te_loras = {}
+            if train_text_encoder:
+                te_loras = _attach_lora(te, "text_encoders.", TEXT_LORA_TARGETS, rank, alpha, gen)
+                groups.append({"params": [p for m in te_loras.values() for p in m.parameters()], "lr": text_encoder_lr})
+            optimizer = torch.optim.AdamW(groups, weight_decay=1e-2 if lora_mode else 0.0)
+            handles += [m.target.register_forward_hook(m.hook) for m in (*loras.values(), *te_loras.values())]
+            history: dict[str, list[float]] = {}
+            start = 0
+            resume = tr.resolve_resume(folder, resume_from, node)
+            if resume is not None:
+                _load_loras(node, resume, {**loras, **te_loras})
+                history = tr.load_train_state(resume, [optimizer])
+                start = tr.checkpoint_step(resume)
+            ms = model.model.model_sampling
+
+            def state_dict() -> dict[str, torch.Tensor]:
+                if lora_mode:
+                    return lora_state_dict({**loras, **te_loras})
+                clip_sd = clip.get_sd()
+                for key, lora in te_loras.items():  # bake the text-encoder LoRA into the checkpoint's CLIP weights
+                    wkey = key[len("text_encoders."):] + ".weight"
+                    clip_sd[wkey] = clip_sd[wkey] + tk.lora_delta(lora.down.detach(), lora.up.detach(),
+                                                                  lora.alpha).to(clip_sd[wkey])
+                return model.model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
+
+            def save(step: int, path: Path | None = None) -> Path:
+                path = path or folder / tr.CHECKPOINT_DIR / f"{stem}_s{step:06}.safetensors"
+                meta = {"storykit.step": str(step), "storykit.instance_prompt": instance_prompt,
+                        "storykit.class_prompt": class_prompt, "storykit.mode": mode}
+                tr.atomic_save(state_dict(), path, meta)
+                tr.save_train_state(path, [optimizer], history, step)
+                return path
+
+            def conds(prompt: str, n: int):
+                if train_text_encoder:
+                    c, p = _encode(clip, tokens[prompt])
+                else:
+                    c, p = text[prompt]
+                return c.expand(n, -1, -1), None if p is None else p.expand(n, -1)
+
+            def step_fn(step: int, g: torch.Generator) -> dict[str, float]:
+                # Eq. 2's two terms are backpropagated one after the other (gradients add up to the gradient of the
+                # sum), so only one pass's activations are alive at a time.
+                optimizer.zero_grad(set_to_none=True)
+                x0 = latents[torch.randint(len(latents), (batch_size,), generator=g)]
+                noise = torch.randn(x0.shape, generator=g)
+                sigma = tr.sample_sigmas(ms, batch_size, g)
+                with _autocast(precision, half_weights):
+                    eps = tr.predict_noise(model, x0, noise, sigma, *conds(instance_prompt, batch_size))
+                noise = noise.to(eps.device)
+                instance = tk.noise_prediction_mse(eps, noise)
+                instance.backward()
+                if prior is None:
+                    optimizer.step()
+                    return {"loss": float(instance.detach())}
+                xp = prior[torch.randint(len(prior), (batch_size,), generator=g)]
+                noise_p = torch.randn(xp.shape, generator=g)
+                sigma_p = tr.sample_sigmas(ms, batch_size, g)
+                with _autocast(precision, half_weights):
+                    eps_p = tr.predict_noise(model, xp, noise_p, sigma_p, *conds(class_prompt, batch_size))
+                noise_p = noise_p.to(eps_p.device)
+                (prior_weight * tk.noise_prediction_mse(eps_p, noise_p)).backward()
+                optimizer.step()
+                total, inst, pri = tk.prior_preservation_loss(eps.detach(), noise, eps_p.detach(), noise_p, prior_weight)
+                return {"loss": float(total), "instance": float(inst), "prior": float(pri)}
+
             with tr.gradient_checkpointing(unet, gradient_checkpointing), \
                     (tr.text_encoder_backprop(te) if train_text_encoder else contextlib.nullcontext()):
                 tr.run_steps(step_fn, start=start, total=steps, seed=seed, history=history, save=save,
