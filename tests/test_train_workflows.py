@@ -35,7 +35,7 @@ def test_textual_inversion_story_workflow(host, run_workflow):
 def test_dreambooth_story_workflow(host, run_workflow):
     put_subject_pictures(host)
     run_workflow(WORKFLOWS / "storykit_train_dreambooth.json", tiny_model="sd15", overrides=[
-        "9.steps=2", "9.resolution=64", "9.save_every=0", "9.num_class_images=1", "9.class_sample_steps=1",
+        "7.count=2", "9.steps=2", "9.resolution=64", "9.save_every=0", "9.num_class_images=1", "9.class_sample_steps=1",
         *small([15, 20, 25], [14, 19, 24])])
     lora = host.base / "models" / "loras" / "storykit_hero_dreambooth.safetensors"
     assert lora.is_file()
