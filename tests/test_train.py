@@ -221,6 +221,22 @@ def test_dreambooth_logs_instance_and_prior_terms(host, db_lora):
     assert ckpt.is_file() and (ckpt.with_suffix(".trainstate")).is_file()
 
 
+def test_dreambooth_resume_from_checkpoint_finishes_like_the_straight_run(host, tiny_sd15, db_lora, mod):
+    model, clip, vae = tiny_sd15
+    with torch.inference_mode():
+        _, _, path, history = mod.train_dreambooth(
+            model, clip, vae, subject(), identifier="sks", class_noun="person", prior_preservation=True,
+            prior_weight=0.5, class_latents=db_lora["class_latents"], mode="LoRA", rank=4, alpha=4.0,
+            train_text_encoder=True, learning_rate=3e-2, text_encoder_lr=1e-2, steps=3, batch_size=1,
+            resolution=RES, gradient_checkpointing=True, seed=0, name="db_hero", resume_from="db_hero_s000002")
+    assert path.name == "db_hero_00002.safetensors"  # the first run's file is left alone
+    assert history["loss"][:2] == db_lora["history"]["loss"][:2] and len(history["loss"]) == 3
+    resumed, straight = (safetensors.torch.load_file(str(f)) for f in (path, db_lora["path"]))
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
 def test_dreambooth_frozen_inputs_unchanged_and_class_images_cached(tiny_sd15, db_lora):
     model, clip, vae = tiny_sd15
     load(model, clip.patcher)
