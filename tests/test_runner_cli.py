@@ -101,11 +101,13 @@ def test_module_entry_point(tmp_path):
 
 
 def _own_loaders(data: dict, host) -> set:
-    """Model loaders other than Load Checkpoint: workflows with those need the test models their own tests build."""
+    """Loaders other than Load Checkpoint (other models, input images): workflows with those need the test models or
+    input files that their own tests provide."""
     from storykit.runner import convert as conv
     prompt = conv.to_api(data, conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt
     return {e["class_type"] for e in prompt.values()
-            if "Loader" in e["class_type"] and e["class_type"] not in cli.CHECKPOINT_LOADERS}
+            if ("Loader" in e["class_type"] or e["class_type"].startswith("Load"))
+            and e["class_type"] not in cli.CHECKPOINT_LOADERS}
 
 
 @pytest.mark.parametrize("path", sorted((PACK_DIR / "workflows").glob("*.json")), ids=lambda p: p.stem)
