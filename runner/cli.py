@@ -12,7 +12,8 @@ from pathlib import Path
 from . import convert as conv
 from .host import PACK_DIR, HostNotFound
 
-DEMO_WORKFLOW = PACK_DIR / "workflows" / "storykit_sd15_basic.json"
+WORKFLOWS = PACK_DIR / "workflows"
+DEMO_WORKFLOW = "storykit_csa_sd15"
 CHECKPOINT_LOADERS = {"CheckpointLoaderSimple", "CheckpointLoader|pysssss"}
 TINY_LOADER = "StoryKitDevTinyCheckpoint"
 
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", help="use this checkpoint file name (or path) in every Load Checkpoint node")
         p.add_argument("--tiny-model", choices=["sd15", "sdxl"],
                        help="replace every Load Checkpoint node by a small random-weight model (seconds on a CPU)")
+        p.add_argument("--quick", action="store_true",
+                       help="smoke-run settings: latents at most 256 px, samplers at most 4 steps")
         p.add_argument("--repeat", type=int, default=1,
                        help="queue the workflow N times, applying seed controls (increment/randomize) in between")
         p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
@@ -44,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("workflow")
     common(run)
 
-    demo = sub.add_parser("demo", help="run the shipped example on a random-weight SD1.5 model (or --ckpt)")
+    demo = sub.add_parser("demo", help="run a shipped example on a random-weight SD1.5 model (or --ckpt)")
+    demo.add_argument("--workflow", default=DEMO_WORKFLOW,
+                      choices=sorted(p.stem for p in WORKFLOWS.glob("*.json")),
+                      help=f"which shipped workflow (default {DEMO_WORKFLOW}: a story with Consistent Self-Attention)")
     common(demo)
 
     convert = sub.add_parser("convert", help="turn a front-end workflow into the API format")
@@ -117,11 +123,22 @@ def _demo(args) -> int:
         sys.stderr.write("storykit: no --ckpt given: using a random-weight SD1.5 checkpoint (the pictures are noise)\n")
         testmodels.write_random_sd15_checkpoint(models / "checkpoints")
         args.ckpt = testmodels.RANDOM_SD15_NAME
-        # Noise needs no 20 steps at 512 px: keep the proof of the path to a minute on a laptop CPU.
-        args.overrides = ["4.width=256", "4.height=256", "5.steps=4", *args.overrides]
+        args.quick = True  # noise needs no 50 steps at 512 px: prove the path in minutes on a CPU
     if args.output is None:
         args.output = str(Path.cwd() / "output")
-    return _run(args, str(DEMO_WORKFLOW))
+    return _run(args, str(WORKFLOWS / f"{args.workflow}.json"))
+
+
+def quick_settings(prompt: dict, size: int = 256, steps: int = 4) -> None:
+    """Shrink a prompt for a smoke run: latent sizes to at most `size` px, sampler steps to at most `steps`."""
+    for entry in prompt.values():
+        inputs = entry["inputs"]
+        if entry["class_type"].startswith("Empty") and "Latent" in entry["class_type"]:
+            for key in ("width", "height"):
+                if isinstance(inputs.get(key), int) and inputs[key] > size:
+                    inputs[key] = size
+        if isinstance(inputs.get("steps"), int) and inputs["steps"] > steps and "ampler" in entry["class_type"]:
+            inputs["steps"] = steps
 
 
 def _run(args, workflow: str) -> int:
@@ -132,6 +149,8 @@ def _run(args, workflow: str) -> int:
     prompt = converted.prompt
     if args.ckpt:
         _use_checkpoint(h, prompt, args.ckpt)
+    if getattr(args, "quick", False):
+        quick_settings(prompt)
     if args.tiny_model:
         register_tiny_loader(h.nodes)
         for entry in prompt.values():

@@ -137,3 +137,20 @@ def test_every_shipped_workflow_runs_headless(host, run_workflow, path):
 
 
 SAMPLERS = {"KSampler", "KSamplerAdvanced", "BasicScheduler", "StoryKitStorySampler"}
+
+
+def test_demo_runs_the_story_workflow(host, tmp_path, capsys):
+    """The README's main command, on the tiny model: the shipped story workflow end to end, quick settings."""
+    rc = cli.main(["demo", "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet", "--quick"])
+    files = capsys.readouterr().out.split()
+    assert rc == 0 and files and all(Path(f).is_file() for f in files)
+    assert all(Path(f).name.startswith(cli.DEMO_WORKFLOW) for f in files)
+
+
+def test_quick_settings_shrink_sizes_and_steps():
+    prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 128, "batch_size": 1}},
+              "2": {"class_type": "KSampler", "inputs": {"steps": 30, "seed": 1}},
+              "3": {"class_type": "StoryKitTrainDreamBooth", "inputs": {"steps": 400}}}
+    cli.quick_settings(prompt)
+    assert prompt["1"]["inputs"] == {"width": 256, "height": 128, "batch_size": 1}
+    assert prompt["2"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["steps"] == 400
