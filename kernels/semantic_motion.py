@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .safefiles import atomic_save_safetensors
+
 # ---------------------------------------------------------------------------------------------- interpolation
 
 
@@ -242,15 +244,8 @@ def predictor_metadata(config: PredictorConfig, **extra) -> dict[str, str]:
 
 def save_predictor(predictor: SemanticMotionPredictor, path: str, **extra) -> str:
     """Write weights + config (metadata) atomically: a temp file next to `path`, then os.replace."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in predictor.state_dict().items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=predictor_metadata(predictor.config, **extra))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save_safetensors(predictor.state_dict(), path, predictor_metadata(predictor.config, **extra),
+                            overwrite=True)
     return path
 
 
@@ -274,19 +269,3 @@ def load_predictor(path: str, device: str | torch.device = "cpu", dtype: torch.d
     predictor.load_state_dict(load_file(path, device=str(device)), strict=True)
     predictor.to(device=device, dtype=dtype).eval()
     return predictor, meta
-
-
-def numbered_path(folder: str, prefix: str, step: int | None = None, ext: str = ".safetensors") -> str:
-    """A path that does not exist yet: prefix_00100.safetensors (a step) or prefix_00001.safetensors (a counter)."""
-    os.makedirs(folder, exist_ok=True)
-    if step is not None:
-        path = os.path.join(folder, f"{prefix}_{step:05d}{ext}")
-        n = 1
-        while os.path.exists(path):
-            path = os.path.join(folder, f"{prefix}_{step:05d}_{n}{ext}")
-            n += 1
-        return path
-    n = 1
-    while os.path.exists(os.path.join(folder, f"{prefix}_{n:05d}{ext}")):
-        n += 1
-    return os.path.join(folder, f"{prefix}_{n:05d}{ext}")

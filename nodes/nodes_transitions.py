@@ -21,7 +21,9 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
+from ..kernels import safefiles
 from ..kernels import semantic_motion as smp
+from . import training
 
 log = logging.getLogger("storykit")
 
@@ -445,7 +447,7 @@ def predictor_dir() -> str:
 
 def save_record(predictor: MotionPredictor, folder: str, prefix: str, step: int | None = None) -> str:
     prefix = os.path.basename(prefix.strip()) or "storykit_smp"
-    return smp.save_predictor(predictor.model, smp.numbered_path(folder, prefix, step),
+    return smp.save_predictor(predictor.model, safefiles.numbered_path(folder, prefix, step),
                               step=predictor.step, losses=predictor.losses[-2000:])
 
 
@@ -590,22 +592,6 @@ def read_clip_folder(folder: str, node: str) -> list[torch.Tensor]:
     return clips
 
 
-def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """The loss per step as a line on a white canvas, IMAGE [1, H, W, 3]."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    if len(losses) >= 2:
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
-        pts = [(8 + (width - 16) * i / (len(losses) - 1), height - 20 - (height - 40) * (v - lo) / span)
-               for i, v in enumerate(losses)]
-        draw.line(pts, fill=(200, 40, 40), width=2)
-        draw.text((8, 4), f"loss {losses[0]:.4g} -> {losses[-1]:.4g} ({len(losses)} steps)", fill="black")
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-
-
 class TrainMotionPredictor(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -665,7 +651,7 @@ class TrainMotionPredictor(io.ComfyNode):
             record = prepare_predictor(predictor, targets, embedding, layers, hidden, heads, seed, node)
             train(record, times.clone(), targets.clone(), steps, learning_rate, batch_size, seed, interpolation,
                   checkpoint_every, predictor_dir(), name)
-        return io.NodeOutput(record, loss_curve_image(record.losses))
+        return io.NodeOutput(record, training.image_tensor(training.loss_curve({"loss": record.losses})))
 
 
 def split_clips(images, clip_length: int, node: str) -> list[torch.Tensor]:

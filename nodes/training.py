@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +21,7 @@ import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 
 from ..kernels import training as tk
+from ..kernels.safefiles import atomic_save_safetensors
 
 log = logging.getLogger("storykit")
 
@@ -196,20 +195,7 @@ def reserve_stem(folder: Path, base: str, ext: str = ".safetensors") -> str:
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     """safetensors written to a temp file beside the target, then renamed: a cancelled write leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        raise FileExistsError(f"StoryKit training: refusing to overwrite {path}")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata or {})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 def state_path(checkpoint: Path) -> Path:

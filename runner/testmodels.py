@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
+
+from ..kernels.safefiles import atomic_save_safetensors
 
 RANDOM_SD15_NAME = "storykit-random-sd15.safetensors"
 
@@ -151,7 +152,6 @@ def tiny_models(kind: str = "sd15", seed: int = 0):
 # ---------------------------------------------------------------------------------------------- full checkpoint
 def write_random_sd15_checkpoint(folder: str | os.PathLike, seed: int = 0, name: str = RANDOM_SD15_NAME) -> Path:
     """Write a full-size SD1.5 checkpoint (fp16, about 2 GB) if it is not there yet; return its path."""
-    import safetensors.torch
     folder = Path(folder)
     target = folder / name
     if target.is_file():
@@ -164,14 +164,6 @@ def write_random_sd15_checkpoint(folder: str | os.PathLike, seed: int = 0, name:
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     metadata = {"storykit.random_weights": "true", "storykit.seed": str(seed),
                 "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "StoryKit random SD1.5"}
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        safetensors.torch.save_file(sd, str(tmp_path), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)  # atomic: a cancelled write never leaves a half file under the real name
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    # Atomic: a cancelled write never leaves a half file under the real name.
+    atomic_save_safetensors(sd, target, metadata)
     return target

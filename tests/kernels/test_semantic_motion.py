@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from storykit.kernels import safefiles
 from storykit.kernels import semantic_motion as smp
 
 
@@ -140,13 +141,13 @@ def test_saved_predictor_reloads_bit_identical(tmp_path):
 
 
 def test_numbered_paths_never_overwrite(tmp_path):
-    first = smp.numbered_path(str(tmp_path), "smp")
+    first = safefiles.numbered_path(str(tmp_path), "smp")
     open(first, "w").close()
-    second = smp.numbered_path(str(tmp_path), "smp")
+    second = safefiles.numbered_path(str(tmp_path), "smp")
     assert first != second and second.endswith("smp_00002.safetensors")
-    at = smp.numbered_path(str(tmp_path), "run", step=10)
+    at = safefiles.numbered_path(str(tmp_path), "run", step=10)
     open(at, "w").close()
-    assert smp.numbered_path(str(tmp_path), "run", step=10) != at
+    assert safefiles.numbered_path(str(tmp_path), "run", step=10) != at
 
 
 def test_reading_a_foreign_file_names_the_fix(tmp_path):

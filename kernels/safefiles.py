@@ -1,0 +1,49 @@
+"""Writing model files without ever losing one: atomic safetensors writes and numbered names (no host imports)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write to a temp file beside `path`, then rename: a cancelled or failed write never leaves a half file, and an
+    existing file is never replaced unless `overwrite`."""
+    import safetensors.torch
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"StoryKit: refusing to overwrite {path}; choose another name")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata or {})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file the user saves
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def numbered_path(folder: str | os.PathLike, prefix: str, step: int | None = None, ext: str = ".safetensors") -> str:
+    """A path that does not exist yet: prefix_00100.ext for a step (prefix_00100_1.ext if taken), else the first
+    free prefix_00001.ext, prefix_00002.ext, ..."""
+    os.makedirs(folder, exist_ok=True)
+    if step is not None:
+        path = os.path.join(folder, f"{prefix}_{step:05d}{ext}")
+        n = 1
+        while os.path.exists(path):
+            path = os.path.join(folder, f"{prefix}_{step:05d}_{n}{ext}")
+            n += 1
+        return path
+    n = 1
+    while os.path.exists(os.path.join(folder, f"{prefix}_{n:05d}{ext}")):
+        n += 1
+    return os.path.join(folder, f"{prefix}_{n:05d}{ext}")
