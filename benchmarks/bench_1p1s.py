@@ -14,85 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-
-
-class PeakBytes(TorchDispatchMode):
-    """Peak live bytes of tensors created inside the block (new storages only; freed when their tensor dies)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def _free(self, ptr, nbytes):
-        self.seen.discard(ptr)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
-        for t in tree_flatten(out)[0]:
-            if torch.is_tensor(t):
-                storage = t.untyped_storage()
-                ptr, nbytes = storage.data_ptr(), storage.nbytes()
-                if ptr in inputs or ptr in self.seen or nbytes == 0:
-                    continue
-                self.seen.add(ptr)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, ptr, nbytes)
-        return out
-
-
-def say(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from measure import interleaved_times, peak_bytes, say  # benchmarks/ is on sys.path
 
 
 def compare(fns: dict, warmup=2, repeats=7) -> dict:
-    """Median seconds per variant; the variants take turns so load changes on a shared machine hit them alike.
-
-    On CPU the clock is this process's CPU time (time.process_time): other programs on a shared machine do not
-    count; on CUDA it is wall-clock time (time.perf_counter) around synchronised calls."""
-    clock = time.perf_counter if torch.cuda.is_available() else time.process_time
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {label: [] for label in fns}
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            sync()
-            t = clock()
-            fn()
-            sync()
-            times[label].append(clock() - t)
-    return {label: statistics.median(ts) for label, ts in times.items()}
-
-
-def peak_memory(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with PeakBytes() as tracker:
-        fn()
-    return tracker.peak
+    """Median seconds per variant, taking turns; on CPU this process's CPU time (other programs on a shared machine
+    do not count), on CUDA wall-clock time around synchronised calls."""
+    return interleaved_times(fns, repeats, warmup, cpu_time=True)
 
 
 # ---------------------------------------------------------------------------------------------- 1. attention
@@ -125,7 +56,7 @@ def cross_attention_layer(mod, host_attention, shape, frames, device, repeats):
 
     fns = {"plain": plain, "IPCA bias": patched(bias), "IPCA concatenated": patched(concat)}
     times = compare(fns, repeats=repeats)
-    rows = {label: (times[label], peak_memory(fn)) for label, fn in fns.items()}
+    rows = {label: (times[label], peak_bytes(fn)) for label, fn in fns.items()}
     base_t, base_m = rows["plain"]
     say(f"\n[{name}] one cross-attention layer, {2 * frames} rows (cond+uncond), {tokens} queries, "
           f"{channels} channels, {heads} heads, context 77 x {context_dim}")

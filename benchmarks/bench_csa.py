@@ -16,22 +16,13 @@ internal scratch is not visible). On CUDA it uses torch.cuda.max_memory_allocate
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from measure import PeakTensorBytes, interleaved_times, peak_bytes, say  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def say(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
 
 
 def _host():
@@ -48,67 +39,10 @@ def _host():
     return attention, csa, csa_patch
 
 
-class PeakTensorBytes(TorchDispatchMode):
-    """Live bytes of tensors created inside the mode, by storage; peak over the call."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.refs: dict[int, list] = {}
-
-    def _release(self, ptr):
-        entry = self.refs.get(ptr)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self.refs[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
-                ptr = t.untyped_storage().data_ptr()
-                if ptr == 0:
-                    continue
-                entry = self.refs.get(ptr)
-                if entry is None:
-                    entry = self.refs[ptr] = [t.untyped_storage().nbytes(), 0]
-                    self.live += entry[0]
-                    self.peak = max(self.peak, self.live)
-                entry[1] += 1
-                weakref.finalize(t, self._release, ptr)
-        return out
-
-
-def peak_bytes(fn) -> int:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with PeakTensorBytes() as counter:
-        fn()
-    return counter.peak
-
-
 def measure_all(fns: dict, repeats: int) -> dict[str, tuple[float, int]]:
-    """Median time and peak bytes per method; the methods take turns in every repeat, so load that comes and goes
-    on a shared machine falls on all of them alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), peak_bytes(fn)) for name, fn in fns.items()}
+    """Median wall time (methods taking turns) and peak bytes per method."""
+    times = interleaved_times(fns, repeats)
+    return {name: (times[name], peak_bytes(fn)) for name, fn in fns.items()}
 
 
 class Attn1(torch.nn.Module):

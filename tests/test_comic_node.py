@@ -12,13 +12,18 @@ def test_pages_and_captions(node_class):
     captioned = node.execute(frames=frames, captions="one\ntwo\n\nfour\nfive", caption_mode="below", **args).result[0]
     assert plain.shape[0] == 1 and plain.shape[2] == 512
     assert captioned.shape[1] > plain.shape[1]  # room for the caption bands
-    # ink appears in the caption band below the first panel, and not below the third (its caption is empty)
+    # ink appears in the caption band under frame 1, and not under frame 3 (its caption line is empty)
     from storykit.kernels import layout as lay
-    pages = lay.row_counts(5, "classic")
     band = captioned.shape[1] - plain.shape[1]
-    _, panels = lay.page_geometry(pages, 64, 64, 512, 16, 8, band // 3, "classic")
-    del panels
-    assert (captioned[0] < 0.5).any()
+    pages = lay.row_counts(5, "classic")
+    _, layouts = lay.page_geometry(pages, 64, 64, 512, 16, 8, band // len(pages[0]), "classic")
+    panels = layouts[0]
+
+    def band_of(p):
+        return captioned[0, p.caption_y + 2:p.caption_y + band // len(pages[0]) - 2, p.x + 4:p.x + p.w - 4]
+
+    assert (band_of(panels[0]) < 0.5).any()
+    assert not (band_of(panels[2]) < 0.5).any()
 
 
 def test_bad_colour_names_the_input(node_class):
