@@ -119,7 +119,7 @@ def _explain(err: dict) -> str:
         extra = err.get("extra_info") or {}
         name = extra.get("input_name", "")
         value = extra.get("received_value", "")
-        if name.endswith(("_name", "ckpt_name")) or str(value).endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        if name.endswith("_name") or str(value).endswith((".safetensors", ".ckpt", ".pt", ".bin")):
             return (f"model file {value!r} (input {name}) is not in the models folder: put it there, point "
                     "--models at the folder that holds it, or choose another with --set NODE.INPUT=FILE")
     return f"{message}: {details}" if details else message
