@@ -10,6 +10,7 @@ Import the host first (runner.host.boot()).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 DIT_KINDS = ("flux", "flux2", "chroma", "qwen_image", "z_image", "sd3")
@@ -76,22 +77,32 @@ def build_dit_clip(kind: str, seed: int, embedding_directory=None):
     return clip
 
 
-def build_dit_vae(kind: str, seed: int):
-    """A host VAE for the family's latent, detected by comfy.sd.VAE from its state-dict layout.
+# Which host VAE layout each family's latent comes from.
+VAE_LAYOUTS = {"flux": "ae16", "chroma": "ae16", "z_image": "ae16", "sd3": "ae16"}
 
-    FLUX.1, Chroma, Z-Image and SD3.5 share the 16-channel "ae" layout (AutoencodingEngine, no quant convs), whose
-    widths the host's detection fixes (ch 128, ch_mult 1-2-4-4): it is full width here, only the weights are random.
+
+def build_dit_vae(kind: str, seed: int):
+    """The family's VAE; families with the same latent layout share one (cached) VAE."""
+    if kind not in VAE_LAYOUTS:
+        raise ValueError(f"unknown DiT test model kind {kind!r}: use one of {', '.join(DIT_KINDS)}")
+    return _vae(VAE_LAYOUTS[kind], seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _vae(layout: str, seed: int):
+    """A host VAE detected by comfy.sd.VAE from its state-dict layout.
+
+    "ae16" (FLUX.1, Chroma, Z-Image, SD3.5: AutoencodingEngine, 16 channels, no quant convs): the host's detection
+    fixes its widths (ch 128, ch_mult 1-2-4-4, 2 res blocks), so it is full width here; only the weights are random.
     """
     import comfy.sd
     import torch
 
     from .testmodels import init_random
-    if kind in ("flux", "chroma", "z_image", "sd3"):
+    if layout == "ae16":
         # The keys the host's detection reads: 16 latent channels, four levels (8x down).
         probe = {"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3),
                  "decoder.up.3.upsample.conv.weight": torch.zeros(512, 512, 3, 3)}
-    else:
-        raise ValueError(f"unknown DiT test model kind {kind!r}: use one of {', '.join(DIT_KINDS)}")
     logging.disable(logging.WARNING)  # the host lists every key the probe lacks: all of them are seeded next
     try:
         vae = comfy.sd.VAE(sd=probe)
