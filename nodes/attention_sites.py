@@ -318,17 +318,18 @@ class JointAttention:
         def attend(q_, k_, v_):
             return run(q_, k_, v_, heads, *args[4:], skip_reshape=False, **rest)
 
-        kc, vc = canonical(k), canonical(v)
-        image_q = canonical(q.narrow(axis, start, n_image))
-        out_image = technique.attend(call, image_q, kc, vc, attend)
+        # text queries (and reference-latent tokens after the image) first, before anything of ours is allocated:
+        # the unpatched attention on the very same tensors, bit for bit
+        pieces = [run(q.narrow(axis, 0, start), k, v, *args[3:], **kwargs)] if start else []
+        tail = length - start - n_image
+        after = run(q.narrow(axis, start + n_image, tail), k, v, *args[3:], **kwargs) if tail else None
+        out_image = technique.attend(call, canonical(q.narrow(axis, start, n_image)), canonical(k), canonical(v),
+                                     attend)
         if out_image is None:
             return run(*args, **kwargs)
-        pieces = []
-        if start:  # text queries: the unpatched attention on the very same tensors (bit for bit)
-            pieces.append(run(q.narrow(axis, 0, start), k, v, *args[3:], **kwargs))
         pieces.append(out_image)
-        if start + n_image < length:  # reference-latent tokens (Kontext, edits): their own frame only
-            pieces.append(run(q.narrow(axis, start + n_image, length - start - n_image), k, v, *args[3:], **kwargs))
+        if after is not None:
+            pieces.append(after)
         return torch.cat(pieces, dim=1) if len(pieces) > 1 else out_image
 
 

@@ -108,7 +108,8 @@ class ConsistentSelfAttention:
         return sigma
 
     def active(self, call: sites.SiteCall) -> bool:
-        return self._sigma(call) is not None
+        """Whether this call shares anything (decided before the site copies a tensor: off stays bit for bit)."""
+        return self._sigma(call) is not None and (self._rate(call) > 0 or bool(self.bank_characters))
 
     def _rate(self, call: sites.SiteCall) -> float:
         return self.rates[min(call.level, len(self.rates) - 1)]
@@ -191,6 +192,8 @@ class ConsistentSelfAttention:
                     hidden.append(tokens[f])
             spans.extend([starts[f] for f in row if f in starts] for row in wanted)
             first_row += len(frames)
+        if not hidden and not any(sources):
+            return None  # nothing to share (rate 0, no references in reach): the host's own attention, bit for bit
         bank_k = bank_v = None
         if hidden:  # project (UNet) or split (DiT) the stored tokens once for every frame that reads them
             bank_k, bank_v = call.to_kv(torch.cat(hidden).to(q.dtype))
