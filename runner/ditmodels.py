@@ -42,6 +42,19 @@ CHROMA = {
 TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
             "num_key_value_heads": 1}
 
+# FLUX.2 dev: hidden 6144 = 48 heads x 128, 4 RoPE axes of 32, 128-channel latent (32 x 2 x 2, patch 1), global
+# modulation, Mistral-3 context = 3 hidden states x 5120 stacked; here 2 heads x 32, axes / 4, context 3 x 64.
+FLUX2 = {
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 3 * 64,
+    "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
+    "ref_index_scale": 10.0,
+}
+# The host's Mistral-3 encoder reads hidden states 10, 20 and 30: 31 layers (64 wide) are the fewest that have them.
+TINY_MISTRAL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 31, "num_attention_heads": 2,
+                "num_key_value_heads": 1}
+
 # Qwen-Image: 60 blocks, 24 heads x 128, RoPE axes (16, 56, 56), Qwen2.5-VL 7B context 3584; here 2 x 32, axes / 4.
 QWEN_IMAGE = {
     "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
@@ -69,8 +82,16 @@ SD3 = {
 TINY_T5_4096 = {**TINY_T5, "d_model": 4096}
 
 
+FLUX2_TOKENIZER_MISSING = (
+    "FLUX.2's text encoder (Mistral 3 Small) tokenizes with Mistral's tekken vocabulary, which ComfyUI 0.3.75 does "
+    "not ship: it reads it from the text-encoder file (tokenizer_data['tekken_model']). No tiny FLUX.2 text encoder "
+    "without it; the tiny FLUX.2 MODEL and VAE work (context width 3 x 64).")
+
+
 def _target_and_options(kind: str, model_config):
     """The host's text-encoder target for the family and the model_options that shrink it."""
+    if kind == "flux2":
+        raise NotImplementedError(FLUX2_TOKENIZER_MISSING)
     if kind == "flux":
         return model_config.clip_target(), {"t5xxl_model_config": TINY_T5, "clip_l_model_config": TINY_CLIP_L}
     if kind == "chroma":
@@ -136,7 +157,7 @@ def _model_config(kind: str):
     import comfy.supported_models as sm
     import torch
     table = {"flux": (sm.Flux, FLUX), "chroma": (sm.Chroma, CHROMA), "qwen_image": (sm.QwenImage, QWEN_IMAGE),
-             "z_image": (sm.ZImage, Z_IMAGE), "sd3": (sm.SD3, SD3)}
+             "z_image": (sm.ZImage, Z_IMAGE), "sd3": (sm.SD3, SD3), "flux2": (sm.Flux2, FLUX2)}
     if kind not in table:
         raise ValueError(f"unknown DiT test model kind {kind!r}: use one of {', '.join(DIT_KINDS)}")
     cls, unet = table[kind]
@@ -175,7 +196,8 @@ def build_dit_clip(kind: str, seed: int, embedding_directory=None):
 
 
 # Which host VAE layout each family's latent comes from.
-VAE_LAYOUTS = {"flux": "ae16", "chroma": "ae16", "z_image": "ae16", "sd3": "ae16", "qwen_image": "wan21"}
+VAE_LAYOUTS = {"flux": "ae16", "chroma": "ae16", "z_image": "ae16", "sd3": "ae16", "qwen_image": "wan21",
+               "flux2": "flux2"}
 
 
 def build_dit_vae(kind: str, seed: int):
@@ -201,6 +223,12 @@ def _vae(layout: str, seed: int):
         # norm: 16 here (real: 96).
         probe = {"decoder.middle.0.residual.0.gamma": torch.zeros(64, 1, 1, 1),
                  "decoder.head.0.gamma": torch.zeros(16, 1, 1, 1)}
+    elif layout == "flux2":
+        # FLUX.2's VAE: AutoencoderKL (with quant convs) of 32 channels and a batch-norm over 2x2-patchified
+        # latents (128 channels, 16x down); widths fixed by the host's detection as for "ae16".
+        probe = {"decoder.conv_in.weight": torch.zeros(512, 32, 3, 3), "post_quant_conv.weight": torch.zeros(32, 32, 1, 1),
+                 "decoder.up.3.upsample.conv.weight": torch.zeros(512, 512, 3, 3), "bn.running_mean": torch.zeros(128),
+                 "bn.running_var": torch.ones(128)}
     elif layout == "ae16":
         # The keys the host's detection reads: 16 latent channels, four levels (8x down).
         probe = {"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3),

@@ -207,3 +207,33 @@ def test_cli_runs_a_dit_graph_on_its_tiny_model(host, tmp_path):
     assert rc == 0
     ran = json.loads(api.read_text())
     assert ran["2"]["class_type"] == cli.TINY_NODES["clip"] and ran["2"]["inputs"] == {"kind": "flux", "seed": 0}
+
+
+def test_flux2_model_and_vae_sample_and_decode_its_128_channel_latent(host):
+    """FLUX.2: the host's Flux2 class (4 RoPE axes, global modulation, patch 1) on EmptyFlux2LatentImage's latent; its
+    Mistral text encoder needs a tokenizer the host does not ship, so the context here has that encoder's width."""
+    import comfy.model_base
+    import comfy.sample
+    model, clip, vae = testmodels.tiny_models("flux2", 0)
+    assert isinstance(model.model, comfy.model_base.Flux2) and clip is None
+    latent = _node_output(host.nodes.NODE_CLASS_MAPPINGS["EmptyFlux2LatentImage"], width=64, height=64,
+                          batch_size=1)[0]["samples"]
+    assert latent.shape == (1, 128, 4, 4) and vae.latent_channels == 128
+    context = torch.randn(1, 12, model.model.diffusion_model.txt_in.in_features, generator=torch.Generator().manual_seed(0))
+    cond = [[context, {"pooled_output": None, "guidance": 4.0}]]
+    blocks = []
+
+    def counting(func, *args, **kwargs):
+        opts = kwargs["transformer_options"]
+        blocks.append((opts["block_type"], opts["block_index"], tuple(args[0].shape)))
+        return func(*args, **kwargs)
+
+    patched = model.clone()
+    patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = counting
+    out = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 2, 1.0, "euler", "simple", cond, cond,
+                              latent, seed=0)
+    assert torch.isfinite(out).all()
+    assert [b[:2] for b in blocks[:4]] == [("double", 0), ("double", 1), ("single", 0), ("single", 1)]
+    assert blocks[0][2] == (1, 2, 512 + 16, 32)  # [B, heads, text (padded to 512 by model_base.Flux2) + image, D]
+    image = vae.decode(out)
+    assert image.shape[-3:-1] == (64, 64) and torch.isfinite(image).all()
