@@ -289,9 +289,10 @@ class JointAttention:
         options = kwargs.get("transformer_options") or {}
         block = self._block(options)
         mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
-        if block is None or block not in self.blocks or mask is not None or len(args) < 4:
+        if block is None or block not in self.blocks or mask is not None or len(args) < 3:
             return run(*args, **kwargs)
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
         split = bool(kwargs.get("skip_reshape"))  # [B, heads, L, D]; else [B, L, heads * D]
         axis = 2 if split else 1
         length = q.shape[axis]
@@ -313,7 +314,7 @@ class JointAttention:
         def canonical(t):  # [B, L, heads * D]
             return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) if split else t
 
-        rest = {key: value for key, value in kwargs.items() if key != "skip_reshape"}
+        rest = {key: value for key, value in kwargs.items() if key not in ("skip_reshape", "heads")}
 
         def attend(q_, k_, v_):
             return run(q_, k_, v_, heads, *args[4:], skip_reshape=False, **rest)
@@ -322,7 +323,7 @@ class JointAttention:
         # the unpatched attention on the very same tensors, bit for bit
         pieces = [run(q.narrow(axis, 0, start), k, v, *args[3:], **kwargs)] if start else []
         tail = length - start - n_image
-        after = run(q.narrow(axis, start + n_image, tail), k, v, *args[3:], **kwargs) if tail else None
+        after = run(q.narrow(axis, start + n_image, tail), k, v, *args[3:], **kwargs) if tail > 0 else None
         out_image = technique.attend(call, canonical(q.narrow(axis, start, n_image)), canonical(k), canonical(v),
                                      attend)
         if out_image is None:

@@ -29,21 +29,24 @@ def _patch(model, rate=1.0, blocks="", **kw):
 
 
 def _inputs(model, clip, frames, halves=1, seed=0, size=8):
-    """Latents and per-row text of one model call: frames x halves rows, conditioning of the family's encoder."""
+    """Latents and the model's own per-row conditioning of one call (frames x halves rows), built by the family's
+    extra_conds as the sampler builds them."""
     g = torch.Generator().manual_seed(seed)
     channels = model.model.latent_format.latent_channels
-    x = torch.randn(frames * halves, channels, size, size, generator=g)
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red fox in the snow"))[0]
-    context = cond[0].repeat(frames * halves, 1, 1) + 0.1 * torch.randn(frames * halves, *cond[0].shape[1:],
-                                                                        generator=g)
-    extra = {}
-    pooled = cond[1].get("pooled_output")
-    if pooled is not None:
-        extra["y"] = pooled.repeat(frames * halves, 1)
-    if getattr(model.model.diffusion_model, "params", None) is not None and \
-            getattr(model.model.diffusion_model.params, "guidance_embed", False):
-        extra["guidance"] = torch.full((frames * halves,), 3.5)
-    return x, context, extra
+    rows = frames * halves
+    time = (1,) if getattr(model.model.latent_format, "latent_dimensions", 2) == 3 else ()
+    x = torch.randn(rows, channels, *time, size, size, generator=g)
+    if clip is not None:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red fox in the snow"))[0]
+        text, pooled = cond[0], cond[1].get("pooled_output")
+    else:  # a family whose text encoder the host tree cannot tokenize for (FLUX.2): the context layer's width
+        width = model.model.diffusion_model.txt_in.in_features
+        text, pooled = torch.randn(1, 32, width, generator=g), None
+    text = text.repeat(rows, 1, 1) + 0.1 * torch.randn(rows, *text.shape[1:], generator=g)
+    conds = model.model.extra_conds(cross_attn=text, pooled_output=None if pooled is None else pooled.repeat(rows, 1),
+                                    guidance=3.5, noise=x, device=x.device, width=size * 8, height=size * 8)
+    extra = {key: value.process_cond(batch_size=rows, device=x.device).cond for key, value in conds.items()}
+    return x, extra.pop("c_crossattn"), extra
 
 
 def _apply(patcher, x, context, extra, cond_or_uncond, sigma=0.6):
@@ -53,6 +56,10 @@ def _apply(patcher, x, context, extra, cond_or_uncond, sigma=0.6):
     options.update({"cond_or_uncond": list(cond_or_uncond), "sigmas": sigmas})
     with torch.no_grad():
         return patcher.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options, **extra)
+
+
+def _rows(value, rows):
+    return value[rows] if isinstance(value, torch.Tensor) and value.ndim else value
 
 
 def _spy(monkeypatch):
@@ -100,7 +107,8 @@ def test_rate_one_is_joint_attention_over_all_frames_and_text_is_untouched(host,
     _apply(patched, x, context, extra, [1, 0])
     checked = 0
     for call in seen:
-        q, k, v, heads = call["args"][:4]
+        q, k, v = call["args"][:3]
+        heads = call["args"][3] if len(call["args"]) > 3 else call["kwargs"]["heads"]
         split = bool(call["kwargs"].get("skip_reshape"))
         n_text, n_image = call["layout"]
         length = q.shape[2 if split else 1]
@@ -126,8 +134,8 @@ def test_uncond_never_sees_cond_and_rate_zero_or_outside_steps_is_unpatched(host
     frames = 3
     x, context, extra = _inputs(model, clip, frames, halves=2)
     both = _apply(patched, x, context, extra, [1, 0])
-    half = {key: value[:frames] for key, value in extra.items()}
-    other = {key: value[frames:] for key, value in extra.items()}
+    half = {key: _rows(value, slice(0, frames)) for key, value in extra.items()}
+    other = {key: _rows(value, slice(frames, None)) for key, value in extra.items()}
     uncond = _apply(patched, x[:frames], context[:frames], half, [1])
     cond = _apply(patched, x[frames:], context[frames:], other, [0])
     torch.testing.assert_close(both, torch.cat([uncond, cond]), atol=1e-5, rtol=1e-5)
