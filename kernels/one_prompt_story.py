@@ -1,7 +1,9 @@
 """One-Prompt-One-Story (Liu et al., ICLR 2025): prompt consolidation, Singular-Value Reweighting and the IPCA bias.
 
 Plain torch, no host imports. Token positions are counted on the consolidated prompt
-[start] + identity prompt P0 + frame descriptions + [end] + padding, 77 positions in all.
+[prefix] + identity prompt P0 + frame descriptions + [suffix] + padding: on CLIP the prefix is the start token and
+the whole is 77 positions; on T5 there is no prefix and the suffix is </s>; on the LLM encoders (Qwen2.5-VL, Qwen3)
+prefix and suffix are the host's chat template.
 """
 from __future__ import annotations
 
@@ -40,20 +42,21 @@ class TokenSets:
     eot: tuple[int, ...]                # the end token and every padding position after it
 
 
-def max_window(identity_len: int, frame_lens: list[int], window: int, budget: int = CONTENT_BUDGET) -> int:
-    """Largest w <= window such that P0 plus every circular run of w frames fits the budget (0 if none fits)."""
+def max_window(identity_len: int, frame_lens: list[int], window: int, budget: int | None = CONTENT_BUDGET) -> int:
+    """Largest w <= window such that P0 plus every circular run of w frames fits the budget (0 if none fits);
+    budget None: no token limit (T5 and the LLM encoders take any length)."""
     n = len(frame_lens)
     best = 0
     for w in range(1, min(window, n) + 1):
         longest = max(sum(frame_lens[(j + i) % n] for i in range(w)) for j in range(n))
-        if identity_len + longest > budget:
+        if budget is not None and identity_len + longest > budget:
             break
         best = w
     return best
 
 
 def consolidate(identity_len: int, frame_lens: list[int], window: int = 10,
-                budget: int = CONTENT_BUDGET) -> list[FramePrompt]:
+                budget: int | None = CONTENT_BUDGET) -> list[FramePrompt]:
     """Prompt consolidation (Sec. 3.1, reference code): all frames in story order when they fit, else for frame j
     the circular window of w frames starting at j; w = window shrunk until every prompt fits, counted in tokens."""
     if not frame_lens:
@@ -68,17 +71,37 @@ def consolidate(identity_len: int, frame_lens: list[int], window: int = 10,
     return [FramePrompt(tuple((j + i) % n for i in range(w)), j) for j in range(n)]
 
 
+def consolidate_encoders(lengths: dict[str, tuple[int, list[int]]], budgets: dict[str, int | None],
+                         window: int = 10) -> list[FramePrompt]:
+    """Consolidation when several tokenizers read the same text (SD3.5: CLIP-L/G and T5; FLUX.1: T5 for the
+    sequence): one plan whose every prompt fits every tokenizer's budget. lengths: key -> (P0 tokens, frame tokens).
+    Raises StoryTooLong of the tokenizer that overflows, with `.key` set."""
+    w = min(window, len(next(iter(lengths.values()))[1]))
+    for key, (n0, lens) in lengths.items():
+        fit = max_window(n0, lens, window, budgets.get(key))
+        if fit == 0:
+            worst = max(range(len(lens)), key=lambda j: lens[j])
+            error = StoryTooLong(worst, n0 + lens[worst] - budgets[key])
+            error.key = key
+            raise error
+        w = min(w, fit)
+    key = next(iter(lengths))
+    return consolidate(lengths[key][0], lengths[key][1], w, None)
+
+
 def token_sets(identity_len: int, frame_lens: list[int], prompt: FramePrompt,
-               length: int = CONTEXT_LENGTH) -> TokenSets:
-    """Token bookkeeping by construction: position 0 is the start token, P0 follows, then the frames in order."""
+               length: int = CONTEXT_LENGTH, prefix: int = 1) -> TokenSets:
+    """Token bookkeeping by construction: `prefix` positions (CLIP's start token, an LLM's template head), P0,
+    then the frames in order; everything from the end of the last frame on is EOT (end token, template tail,
+    padding)."""
     rows: dict[int, tuple[int, ...]] = {}
-    pos = 1 + identity_len
+    pos = prefix + identity_len
     for f in prompt.order:
         rows[f] = tuple(range(pos, pos + frame_lens[f]))
         pos += frame_lens[f]
     if pos >= length:
         raise ValueError(f"consolidated prompt has {pos + 1} positions, more than {length}")
-    return TokenSets(identity=tuple(range(1 + identity_len)), express=rows[prompt.express],
+    return TokenSets(identity=tuple(range(prefix + identity_len)), express=rows[prompt.express],
                      suppress=tuple(rows[f] for f in prompt.order if f != prompt.express),
                      eot=tuple(range(pos, length)))
 
@@ -123,6 +146,14 @@ def naive_prompt_reweight(embeds: torch.Tensor, sets: TokenSets, up: float = 2.0
     if others:
         out[others] = embeds[others] * down
     return out
+
+
+def shift_sets(sets: TokenSets, offset: int) -> TokenSets:
+    """The same sets moved by `offset` rows (the host drops an LLM's template head, SD3.5 stacks T5 after CLIP);
+    rows that fall before the output's first row are dropped."""
+    def move(rows):
+        return tuple(r + offset for r in rows if r + offset >= 0)
+    return TokenSets(move(sets.identity), move(sets.express), tuple(move(r) for r in sets.suppress), move(sets.eot))
 
 
 def reweight_parts(embeds: torch.Tensor, parts: list[int], fn) -> torch.Tensor:

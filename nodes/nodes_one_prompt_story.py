@@ -1,6 +1,7 @@
 """One-Prompt-One-Story nodes: the story encoder (consolidation + SVR), IPCA on the host's MODEL, shared noise."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -21,68 +22,209 @@ PATCH_KEY = "storykit_ipca"
 ENCODER = "StoryKit One-Prompt Story Encode"
 
 
+# The text encoders of each family, as clip.tokenize names them: the name users read, the keys whose tokens are rows
+# of the CONDITIONING (FLUX.1's CLIP-L gives only the pooled vector) and whether the encoder is causal (IPCA's bias
+# is then exact).
+ENCODERS = {
+    ("l",): "CLIP-L (SD1.5)",
+    ("g", "l"): "CLIP-L + CLIP-G (SDXL)",
+    ("l", "t5xxl"): "T5-XXL + CLIP-L (FLUX.1)",
+    ("t5xxl",): "T5-XXL (Chroma)",
+    ("g", "l", "t5xxl"): "CLIP-L/G + T5-XXL (SD3.5)",
+    ("qwen25_7b",): "Qwen2.5-VL (Qwen-Image)",
+    ("qwen3_4b",): "Qwen3 (Z-Image)",
+}
+CAUSAL = {"l", "g", "qwen25_7b", "qwen3_4b"}
+POOLED_ONLY = {("l", "t5xxl"): {"l"}}
+
+
 @dataclass(frozen=True)
 class StoryIdentity:
     """What IPCA needs from the encoder: how many leading columns are the identity (start token + P0), the
-    context length they repeat with, and P0 encoded alone (for the concatenated path)."""
+    context length they repeat with, and P0 encoded alone (for the concatenated path).
+
+    encoder: the tokenizer keys (ENCODERS) the story was encoded with; identity_rows: the CONDITIONING rows of the
+    identity (prefix + P0) in every frame's context; causal: those rows equal P0's own encoding (causal encoders);
+    identity_context holds P0 alone at the same rows, in the same order."""
     identity_count: int
     context_length: int
-    identity_context: torch.Tensor      # [1, identity_count, D]
+    identity_context: torch.Tensor      # [1, identity rows, D]
     frames: int
+    encoder: tuple = ("l",)
+    identity_rows: tuple = ()
+    causal: bool = True
+
+    @property
+    def encoder_name(self) -> str:
+        return ENCODERS.get(self.encoder, "+".join(self.encoder))
 
 
 # ------------------------------------------------------------------------------------------------ tokens
-def content_tokens(clip, text: str) -> dict[str, list[tuple]]:
-    """The host's tokenization of `text` without start/end/padding, per encoder ("l", and "g" for SDXL).
+@dataclass(frozen=True)
+class Tokenizer:
+    """One text encoder's framing, read from the host's own tokenization of "" (clip.tokenize output key `key`):
+    the tokens it puts before and after the text (CLIP: start / end; T5: - / </s>; the LLM encoders: the chat
+    template the host adds), its padding and the content budget (CLIP: 75 per 77-token chunk; others: none)."""
+    key: str
+    prefix: tuple
+    suffix: tuple
+    pad: tuple | None
+    length: int                 # pad every prompt to at least this many positions (CLIP 77, FLUX.1's T5 256)
+    budget: int | None
+    joiner: str                 # put before every segment after the first (byte-level BPE keeps its spaces)
+    by_word_id: bool            # the tokenizer marks its own tokens with word id 0 (CLIP, T5), else by position
 
-    Word id 0 marks the tokens the tokenizer adds itself; weights and embedding vectors stay as the host made them."""
-    tokens = clip.tokenize(text, return_word_ids=True)
-    return {key: [(t[0], t[1]) for batch in batches for t in batch if t[2] != 0] for key, batches in tokens.items()}
+
+def _sub_tokenizer(tokenizer, key: str):
+    for name in (key, f"clip_{key}", getattr(tokenizer, "clip", "")):
+        sub = getattr(tokenizer, name, None) if name else None
+        if sub is not None and hasattr(sub, "max_length"):
+            return sub
+    return None
 
 
-def segment_length(segment: dict[str, list], what: str) -> int:
-    lengths = {len(v) for v in segment.values()}
-    if len(lengths) != 1:
-        raise ValueError(f"{ENCODER}: the text encoders tokenize {what} to different lengths {sorted(lengths)}")
-    return lengths.pop()
-
-
-def assemble(clip, segments: list[dict[str, list]], length: int = ops.CONTEXT_LENGTH) -> dict[str, list]:
-    """[start] + segments + [end] + padding to `length`, with the host's own special tokens (from tokenizing "")."""
+def tokenizers(clip) -> dict[str, Tokenizer]:
+    """Each encoder's framing, from the host's tokenizer (so template prefixes and padding are the host's own)."""
     out = {}
-    for key, (template, *_) in clip.tokenize("").items():
-        start, end, pad = template[0], template[1], template[-1]
-        body = [start] + [t for seg in segments for t in seg[key]] + [end]
-        out[key] = [body + [pad] * (length - len(body))]
+    empty = clip.tokenize("", return_word_ids=True)
+    probes = [clip.tokenize(t, return_word_ids=True) for t in ("storykit", " storykit")]
+    for key in sorted(empty):
+        template = [tuple(t) for batch in empty[key] for t in batch]
+        sub = _sub_tokenizer(clip.tokenizer, key)
+        pad_id = getattr(sub, "pad_token", None)
+        probe = [t[0] for t in probes[0][key][0]]
+        p = 0
+        while p < min(len(template), len(probe)) and template[p][0] == probe[p]:
+            p += 1
+        rest = template[p:]
+        n = len(rest)
+        while n and pad_id is not None and rest[n - 1][0] == pad_id:
+            n -= 1
+        if n < len(rest) and pad_id is not None and getattr(sub, "end_token", None) == pad_id:
+            n += 1              # CLIP-L pads with its end token: keep one as the end
+        fixed = bool(getattr(sub, "pad_to_max_length", False)) if sub is not None else len(template) == len(probe)
+        budget = (getattr(sub, "max_length", ops.CONTEXT_LENGTH) - p - n) if fixed else None
+        by_word_id = all(t[2] == 0 for t in template)
+        tok = Tokenizer(key, tuple(t[:2] for t in template[:p]), tuple(t[:2] for t in rest[:n]),
+                        tuple(rest[-1][:2]) if n < len(rest) else None, len(template), budget, "", by_word_id)
+        spaced = [content_of(tok, pr[key]) for pr in probes]
+        out[key] = tok if [t[0] for t in spaced[0]] == [t[0] for t in spaced[1]] else \
+            dataclasses.replace(tok, joiner=" ")
+    return out
+
+
+def content_of(tok: Tokenizer, batches) -> list[tuple]:
+    """The text's own tokens in one key's tokenize output (without the framing), as (token, weight)."""
+    flat = [t for batch in batches for t in batch]
+    if tok.by_word_id:          # word id 0 marks the tokens the tokenizer adds itself
+        return [(t[0], t[1]) for t in flat if t[2] != 0]
+    end = len(flat) - len(tok.suffix)
+    return [(t[0], t[1]) for t in flat[len(tok.prefix):end]]
+
+
+def content_tokens(clip, text: str, toks: dict[str, Tokenizer] | None = None, first: bool = True
+                   ) -> dict[str, list[tuple]]:
+    """The host's tokenization of `text` without its framing, per encoder ("l"; "l", "g" for SDXL; "t5xxl"; ...).
+
+    Weights and embedding vectors stay as the host made them. Segments after the first are tokenized with the
+    joiner in front, so on byte-level BPE (Qwen) they are the tokens they are inside the joined text."""
+    toks = toks or tokenizers(clip)
+    out = {}
+    for key, tok in toks.items():
+        piece = text if first or not tok.joiner else tok.joiner + text
+        out[key] = content_of(tok, clip.tokenize(piece, return_word_ids=True)[key])
+    return out
+
+
+def segment_length(segment: dict[str, list], what: str, keys=None) -> dict[str, int]:
+    """Tokens per encoder; CLIP-L and CLIP-G must agree (one set of positions for both halves of the context)."""
+    lengths = {k: len(v) for k, v in segment.items() if keys is None or k in keys}
+    clips = {lengths[k] for k in ("l", "g") if k in lengths}
+    if len(clips) > 1:
+        raise ValueError(f"{ENCODER}: the text encoders tokenize {what} to different lengths {sorted(clips)}")
+    return lengths
+
+
+def assemble(clip, segments: list[dict[str, list]], length: int | None = None,
+             toks: dict[str, Tokenizer] | None = None) -> dict[str, list]:
+    """prefix + segments + suffix + padding, with the host's own framing tokens (from tokenizing "")."""
+    toks = toks or tokenizers(clip)
+    out = {}
+    for key, tok in toks.items():
+        if not all(key in seg for seg in segments):
+            continue
+        body = list(tok.prefix) + [t for seg in segments for t in seg[key]] + list(tok.suffix)
+        target = max(length or 0, tok.length if tok.pad is not None else 0)
+        out[key] = [body + [tok.pad] * (target - len(body)) if tok.pad is not None else body]
     return out
 
 
 def channel_parts(tokens: dict, width: int) -> list[int]:
     """Channel slices of the context per text encoder: SD1.5 one part; SDXL CLIP-L 768 then CLIP-G 1280."""
     keys = set(tokens)
-    if len(keys) == 1:
-        return [width]
     if keys == {"l", "g"} and width > 768:
         return [768, width - 768]
-    raise ValueError(f"{ENCODER}: this CLIP has text encoders {sorted(keys)}; only SD1.5 (l) and SDXL (l, g) "
-                     "CLIP models are supported")
+    if len(keys) == 1:
+        return [width]
+    raise ValueError(f"{ENCODER}: this CLIP has text encoders {sorted(keys)}; supported: "
+                     + "; ".join(ENCODERS.values()))
 
 
-def encode(clip, tokens: dict) -> dict:
+def encoder_of(clip_keys) -> tuple:
+    keys = tuple(sorted(clip_keys))
+    if keys not in ENCODERS:
+        raise ValueError(f"{ENCODER}: this CLIP has text encoders {list(keys)}; supported: "
+                         + "; ".join(ENCODERS.values()) + " (FLUX.2's Mistral tokenizer is not in ComfyUI 0.3.75)")
+    return keys
+
+
+def row_parts(encoder: tuple, tokens: dict, cond_len: int, width: int) -> list[tuple[str, int, list[slice]]]:
+    """Where each encoder's token positions land in the CONDITIONING: (key, row offset, channel slices).
+
+    SD1.5/SDXL: rows = CLIP positions (SDXL: CLIP-L channels 0-767, CLIP-G 768-2047). SD3.5: CLIP-L/G on rows
+    0-76 (channels 0-767, 768-2047; the rest is zero padding), T5 after them with all 4096 channels. One-encoder
+    DiTs: the encoder's positions, less the template head the host drops (Qwen-Image)."""
+    keys = [k for k in encoder if k not in POOLED_ONLY.get(encoder, ())]
+    if "l" in keys and "g" in keys:
+        clip_len = len(tokens["l"][0])
+        parts = [("l", 0, [slice(0, 768)]), ("g", 0, [slice(768, 2048 if "t5xxl" in keys else width)])]
+        if "t5xxl" in keys:
+            parts.append(("t5xxl", clip_len, [slice(0, width)]))
+        return parts
+    if len(keys) == 1:
+        return [(keys[0], cond_len - len(tokens[keys[0]][0]), [slice(0, width)])]
+    raise ValueError(f"{ENCODER}: no row layout for text encoders {list(encoder)}")
+
+
+def encode(clip, tokens: dict, length: int | None = ops.CONTEXT_LENGTH) -> dict:
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-    if out["cond"].shape[1] != ops.CONTEXT_LENGTH:
+    if length is not None and out["cond"].shape[1] != length:
         raise ValueError(f"{ENCODER}: the text encoder returned {out['cond'].shape[1]} positions, expected "
-                         f"{ops.CONTEXT_LENGTH}")
+                         f"{length}")
     return out
 
 
-def reweight(embeds: torch.Tensor, sets: ops.TokenSets, mode: str, parts: list[int],
-             constants: ops.SVRConstants) -> torch.Tensor:
+def reweight(embeds: torch.Tensor, sets, mode: str, parts, constants: ops.SVRConstants) -> torch.Tensor:
+    """SVR / NPR on one frame's context [T, D]. sets: TokenSets (then parts are channel widths: SD1.5/SDXL) or a
+    list of (TokenSets in CONDITIONING rows, channel slices) per encoder."""
+    if isinstance(sets, ops.TokenSets):
+        sets = [(sets, _slices(parts))]
+    out = embeds.clone()
     if mode == "SVR":
-        return ops.reweight_parts(embeds, parts, lambda e: ops.svr(e, sets, constants))
-    if mode == "NPR":
-        return ops.naive_prompt_reweight(embeds, sets)
-    return embeds.clone()
+        for rows, slices in sets:
+            for ch in slices:
+                out[:, ch] = ops.svr(out[:, ch], rows, constants)
+    elif mode == "NPR":
+        for rows, _ in {r.express: (r, s) for r, s in sets}.values():
+            out = ops.naive_prompt_reweight(out, rows)
+    return out
+
+
+def _slices(widths: list[int]) -> list[slice]:
+    edges = [0]
+    for w in widths:
+        edges.append(edges[-1] + w)
+    return [slice(a, b) for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def frame_lines(text: str) -> list[str]:
@@ -91,7 +233,8 @@ def frame_lines(text: str) -> list[str]:
 
 @dataclass
 class Story:
-    """The consolidated prompts of a story: per frame its FramePrompt, assembled tokens, token sets and text."""
+    """The consolidated prompts of a story: per frame its FramePrompt, assembled tokens, token sets and text.
+    sets: positions of the first row encoder (CLIP-L on SD1.5/SDXL, T5 on FLUX.1); key_sets: every encoder's."""
     frames: list[str]
     identity: dict[str, list]
     identity_len: int
@@ -99,6 +242,9 @@ class Story:
     tokens: list[dict[str, list]]
     sets: list[ops.TokenSets]
     texts: list[str]
+    encoder: tuple = ("l",)
+    key_sets: dict = None
+    toks: dict = None
 
 
 def plan_story(clip, identity_prompt: str, frame_prompts: str, window: int) -> Story:
@@ -109,21 +255,39 @@ def plan_story(clip, identity_prompt: str, frame_prompts: str, window: int) -> S
         raise ValueError(f"{ENCODER}: identity_prompt is empty; describe the character (and style) once there")
     if not frames:
         raise ValueError(f"{ENCODER}: frame_prompts has no lines; write one line per picture")
-    identity = content_tokens(clip, identity_prompt)
-    segments = [content_tokens(clip, f) for f in frames]
-    n0 = segment_length(identity, "the identity prompt")
-    lens = [segment_length(s, f"frame {i + 1}") for i, s in enumerate(segments)]
+    toks = tokenizers(clip)
+    encoder = encoder_of(toks)
+    pooled_only = POOLED_ONLY.get(encoder, set())
+    rows = [k for k in encoder if k not in pooled_only]
+    identity = content_tokens(clip, identity_prompt, toks)
+    segments = [content_tokens(clip, f, toks, first=False) for f in frames]
+    n0 = segment_length(identity, "the identity prompt", rows)
+    lens = [segment_length(s, f"frame {i + 1}", rows) for i, s in enumerate(segments)]
     try:
-        plan = ops.consolidate(n0, lens, window)
+        plan = ops.consolidate_encoders({k: (n0[k], [n[k] for n in lens]) for k in rows},
+                                        {k: toks[k].budget for k in rows}, window)
     except ops.StoryTooLong as e:
-        raise ValueError(f"{ENCODER}: identity_prompt ({n0} tokens) + frame {e.frame + 1} ({lens[e.frame]} tokens) "
-                         f"is {e.over} token(s) over CLIP's {ops.CONTENT_BUDGET}; shorten the identity prompt or "
-                         "that frame line") from e
-    return Story(frames, identity, n0, plan,
-                 tokens=[assemble(clip, [identity] + [segments[f] for f in fp.order]) for fp in plan],
-                 sets=[ops.token_sets(n0, lens, fp) for fp in plan],
-                 texts=[f"frame {fp.express + 1}: " + " ".join([identity_prompt] + [frames[f] for f in fp.order])
-                        for fp in plan])
+        k = e.key
+        raise ValueError(f"{ENCODER}: identity_prompt ({n0[k]} tokens) + frame {e.frame + 1} ({lens[e.frame][k]} "
+                         f"tokens) is {e.over} token(s) over {toks[k].budget} ({ENCODERS[encoder]}, {k}); "
+                         "shorten the identity prompt or that frame line") from e
+    texts = [" ".join([identity_prompt] + [frames[f] for f in fp.order]) for fp in plan]
+    row_toks = {k: toks[k] for k in rows}
+    tokens = [assemble(clip, [identity] + [segments[f] for f in fp.order], toks=row_toks) for fp in plan]
+    for tk, text in zip(tokens, texts, strict=True):
+        for k in pooled_only:       # FLUX.1's CLIP-L: the host's own tokenization (its first chunk is pooled)
+            tk[k] = clip.tokenize(text)[k]
+    longest = {k: max(len(tk[k][0]) for tk in tokens) for k in rows}
+    for tk in tokens:               # windows of different lengths: pad to one length (the host masks padding)
+        for k in rows:
+            if len(tk[k][0]) < longest[k]:
+                pad = toks[k].pad or (_sub_tokenizer(clip.tokenizer, k).pad_token, 1.0)
+                tk[k] = [tk[k][0] + [pad] * (longest[k] - len(tk[k][0]))]
+    key_sets = {k: [ops.token_sets(n0[k], [n[k] for n in lens], fp, longest[k], len(toks[k].prefix))
+                    for fp in plan] for k in rows}
+    return Story(frames, identity, n0[rows[0]], plan, tokens=tokens, sets=key_sets[rows[0]],
+                 texts=[f"frame {fp.express + 1}: " + t for fp, t in zip(plan, texts, strict=True)],
+                 encoder=encoder, key_sets=key_sets, toks=toks)
 
 
 class OnePromptStoryEncode(io.ComfyNode):
@@ -181,20 +345,56 @@ class OnePromptStoryEncode(io.ComfyNode):
                 suppress_alpha, suppress_beta) -> io.NodeOutput:
         story = plan_story(clip, identity_prompt, frame_prompts, window)
         constants = ops.SVRConstants(express_alpha, express_beta, suppress_alpha, suppress_beta)
+        clip_only = story.encoder in (("l",), ("g", "l"))
+        length = ops.CONTEXT_LENGTH if clip_only else None
         encoded: dict[tuple, dict] = {}
-        rows, pooled = [], []
-        for fp, tokens, sets in zip(story.plan, story.tokens, story.sets, strict=True):
+        rows, outs, first_layout = [], [], None
+        for j, (fp, tokens, sets) in enumerate(zip(story.plan, story.tokens, story.sets, strict=True)):
             if fp.order not in encoded:
-                encoded[fp.order] = encode(clip, tokens)
+                encoded[fp.order] = encode(clip, tokens, length)
             enc = encoded[fp.order]
-            rows.append(reweight(enc["cond"][0], sets, mode, channel_parts(tokens, enc["cond"].shape[-1]), constants))
-            pooled.append(enc["pooled_output"])
-        extra = {k: v for k, v in next(iter(encoded.values())).items() if k not in ("cond", "pooled_output")}
-        if all(p is not None for p in pooled):
-            extra["pooled_output"] = torch.cat(pooled, dim=0)
-        alone = encode(clip, assemble(clip, [story.identity]))["cond"][:, :story.identity_len + 1]
-        info = StoryIdentity(story.identity_len + 1, ops.CONTEXT_LENGTH, alone, len(story.frames))
+            cond = enc["cond"][0]
+            if clip_only:
+                rows.append(reweight(cond, sets, mode, channel_parts(tokens, cond.shape[-1]), constants))
+            else:
+                layout = row_parts(story.encoder, tokens, cond.shape[0], cond.shape[-1])
+                first_layout = first_layout if j else layout
+                parts = [(ops.shift_sets(story.key_sets[k][j], offset), slices) for k, offset, slices in layout]
+                rows.append(reweight(cond, parts, mode, None, constants))
+            outs.append(enc)
+        if len({r.shape for r in rows}) > 1:
+            raise ValueError(f"{ENCODER}: the frames' prompts encoded to different lengths "
+                             f"{sorted({r.shape[0] for r in rows})}; use a window that holds every frame")
+        extra = {}
+        for key, value in outs[0].items():   # pooled output, attention mask: one row per frame, as the host gave
+            if key == "cond":
+                continue
+            extra[key] = torch.cat([o[key] for o in outs], dim=0) if isinstance(value, torch.Tensor) else value
+        info = identity_of(clip, story, identity_prompt, length, first_layout)
         return io.NodeOutput([[torch.stack(rows), extra]], info, len(story.frames), "\n".join(story.texts))
+
+
+def identity_of(clip, story: Story, identity_prompt: str, length: int | None, frame_parts) -> StoryIdentity:
+    """P0 alone through the same encoder, and where its rows sit in the frames' contexts and in its own."""
+    alone_tokens = assemble(clip, [story.identity], toks={k: story.toks[k] for k in story.key_sets})
+    for k in POOLED_ONLY.get(story.encoder, ()):
+        alone_tokens[k] = clip.tokenize(identity_prompt.strip())[k]
+    alone = encode(clip, alone_tokens, length)["cond"]
+    if length is not None:      # SD1.5 / SDXL: the start token and P0 lead the 77 positions
+        count = story.identity_len + 1
+        return StoryIdentity(count, ops.CONTEXT_LENGTH, alone[:, :count], len(story.frames), story.encoder,
+                             tuple(range(count)), True)
+    alone_offsets = {k: off for k, off, _ in row_parts(story.encoder, alone_tokens, alone.shape[1], alone.shape[-1])}
+    rows, alone_rows, causal = [], [], True
+    for k, offset, _ in frame_parts:
+        if k == "g":
+            continue            # CLIP-G shares CLIP-L's rows (other channels)
+        ident = story.key_sets[k][0].identity
+        keep = [r for r in ident if r + offset >= 0 and r + alone_offsets[k] >= 0]
+        rows += [r + offset for r in keep]
+        alone_rows += [r + alone_offsets[k] for r in keep]
+        causal = causal and k in CAUSAL
+    return StoryIdentity(len(rows), 0, alone[:, alone_rows], len(story.frames), story.encoder, tuple(rows), causal)
 
 
 # ------------------------------------------------------------------------------------------------ IPCA
