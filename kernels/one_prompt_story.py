@@ -182,3 +182,31 @@ def dropout_keep(shape, p: float, columns: torch.Tensor, generator: torch.Genera
     """Identity-column dropout of the reference code: each (query, identity column) copy kept with probability 1-p."""
     keep = torch.rand(shape, generator=generator) >= p
     return keep | ~columns
+
+
+def ipca_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity: torch.Tensor, attend,
+                         extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None) -> torch.Tensor:
+    """IPCA on a DiT's joint attention for image-token queries q [B, N, C] over keys/values [B, L, C].
+
+    Bias path (extra_k None): the identity text columns (`identity`, long [n]) are attended a second time, by
+    appending their keys/values once more: exp(s + ln 2) = 2 exp(s), so this is softmax(QK^T/sqrt(d) + ln 2 on
+    those columns) exactly, computed by the host's own (mask-free, memory-efficient) attention.
+    Exact path: extra_k/extra_v [B, n, C] are the keys/values of the identity prompt encoded alone, appended."""
+    if extra_k is None:
+        index = identity.to(k.device)
+        extra_k, extra_v = k.index_select(1, index), v.index_select(1, index)
+    return attend(q, torch.cat([k, extra_k.to(k)], dim=1), torch.cat([v, extra_v.to(v)], dim=1))
+
+
+def ipca_bias_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, columns) -> torch.Tensor:
+    """The ln 2 logit bias written out (float64, for tests): softmax(QK^T/sqrt(d) + b) V per head, [B, N, C]."""
+    b, n, c = q.shape
+    d = c // heads
+
+    def split(t):
+        return t.double().view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
+    logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)
+    bias = torch.zeros(k.shape[1], dtype=torch.float64)
+    bias[list(columns)] = IPCA_BIAS
+    out = torch.softmax(logits + bias, dim=-1) @ split(v)
+    return out.transpose(1, 2).reshape(b, n, c)

@@ -505,18 +505,21 @@ class IdentityPreservingCrossAttention(io.ComfyNode):
             node_id="StoryKitIdentityPreservingCrossAttention",
             display_name="Identity-Preserving Cross-Attention (IPCA)",
             category="StoryKit/One-Prompt-One-Story",
-            description="Patches every cross-attention layer so the positive rows attend to the identity prompt "
-                        "twice over (IPCA): the character stays the same across frames. Negative rows and all "
-                        "other layers are untouched.",
+            description="Patches every cross-attention layer (UNet) or joint-attention block (DiT: image tokens "
+                        "only) so the positive rows attend to the identity prompt twice over (IPCA): the character "
+                        "stays the same across frames. Negative rows and text tokens are untouched.",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL (SD1.5 or SDXL UNet); LoRAs may be applied "
-                               "before or after."),
+                io.Model.Input("model", tooltip="The MODEL: SD1.5/SDXL UNet, or FLUX.1, Chroma, Qwen-Image, Z-Image, "
+                               "SD3.5 (joint attention); LoRAs may be applied before or after."),
                 io.Custom(IDENTITY_TYPE).Input("identity", tooltip="From One-Prompt Story Encode: which prompt "
                                                "columns are the identity."),
                 io.Combo.Input("path", options=IPCA_PATHS, default=IPCA_PATHS[0],
-                               tooltip="bias: a ln 2 logit bias on the identity columns, mathematically the same "
-                                       "as the paper's concatenation and as fast as plain attention. concatenated: "
-                                       "the paper's literal keys/values concatenation (slower; an exactness check)."),
+                               tooltip="bias: a ln 2 logit bias on the identity columns. Exact (the paper's "
+                                       "concatenation) for causal text encoders: CLIP (SD1.5, SDXL), Qwen2.5-VL "
+                                       "(Qwen-Image), Qwen3 (Z-Image). On T5 (FLUX.1, Chroma, SD3.5) it is an "
+                                       "APPROXIMATION: T5 reads P0 in the context of the frames. concatenated: "
+                                       "the identity prompt encoded alone is added (exact for every encoder; on a "
+                                       "DiT it runs P0 as extra text rows of each frame, a little slower)."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.05,
                                tooltip="Chance to drop each added identity column per pixel (reference code 0, "
                                        "paper 0.5). Higher = looser identity, more variety."),
@@ -531,13 +534,34 @@ class IdentityPreservingCrossAttention(io.ComfyNode):
         node = "StoryKit IPCA"
         if not isinstance(identity, StoryIdentity):
             raise ValueError(f"{node}: identity must come from One-Prompt Story Encode")
+        from . import ipca_patch
+        expected = ipca_patch.expected_encoder(model)
+        if expected is not None:        # a DiT: joint attention, by family
+            keys, name = expected
+            if keys is None:
+                raise ValueError(f"{node}: this MODEL ({type(model.model).__name__}) expects the text encoder "
+                                 f"{name}; One-Prompt-One-Story supports " + "; ".join(ENCODERS.values()))
+            if tuple(identity.encoder) != keys:
+                raise ValueError(f"{node}: the identity was encoded with {identity.encoder_name}, but this MODEL "
+                                 f"({type(model.model).__name__}) expects {name}; encode the story with that "
+                                 "model's own text encoder")
+            if dropout > 0:
+                raise ValueError(f"{node}: dropout is for SD1.5/SDXL UNets only; set dropout to 0 on "
+                                 f"{type(model.model).__name__}")
+            exact = path == IPCA_PATHS[1] and not identity.causal   # causal encoders: the bias path is exact
+            return io.NodeOutput(ipca_patch.patch_dit(model, identity, exact, node))
+        if tuple(identity.encoder) not in (("l",), ("g", "l")):
+            raise ValueError(f"{node}: the identity was encoded with {identity.encoder_name}, but this MODEL "
+                             f"({type(model.model).__name__}) expects CLIP-L (SD1.5) or CLIP-L + CLIP-G (SDXL); "
+                             "use the CLIP of the same checkpoint")
         context_dim = model.model.model_config.unet_config.get("context_dim")
         if context_dim is not None and context_dim != identity.identity_context.shape[-1]:
             raise ValueError(f"{node}: the identity was encoded with a {identity.identity_context.shape[-1]}-wide "
                              f"CLIP but this MODEL expects {context_dim}; use the CLIP of the same checkpoint")
         blocks = cross_attention_blocks(model.model.diffusion_model)
         if not blocks:
-            raise ValueError(f"{node}: this MODEL has no UNet cross-attention blocks; IPCA supports SD1.5 and SDXL")
+            raise ValueError(f"{node}: {type(model.model).__name__} is not a model StoryKit can patch; IPCA supports "
+                             "SD1.5/SDXL UNets, FLUX.1, Chroma, Qwen-Image, Z-Image and SD3.5")
         m = model.clone()
         state = IPCAState(identity, path == IPCA_PATHS[1], float(dropout), int(dropout_seed))
         replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
