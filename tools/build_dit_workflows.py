@@ -1,6 +1,7 @@
-"""Write the DiT story workflows (workflows/storykit_csa_<family>.json) from the host's own node definitions.
+"""Write the DiT story workflows (workflows/storykit_csa_<family>.json, storykit_1p1s_flux.json) from the host's
+own node definitions.
 
-    bash tools/storykit.sh python tools/build_dit_workflows.py
+    bash tools/storykit.sh python tools/build_dit_workflows.py [FAMILY ...] [1p1s_flux]
 
 Each graph uses the loader nodes, model file names, sampler settings and latent node of ComfyUI's own text-to-image
 template for that family, so a user's model files drop in; StoryKit's Story Prompt, Consistent Self-Attention and
@@ -95,12 +96,64 @@ def build(nodes_module, family: str) -> str:
     return g.dumps()
 
 
+ONE_PROMPT_IDENTITY = "a watercolor illustration of a small red fox wearing a green knitted scarf"
+ONE_PROMPT_FRAMES = ("reading a book under an oak tree\nrunning through a snowy forest\n"
+                     "sailing a paper boat on a pond\nsleeping by a campfire at night")
+
+
+def build_1p1s(nodes_module, family: str = "flux") -> str:
+    """One-Prompt-One-Story on FLUX.1 dev: the template's loaders and KSampler (cfg 1, euler/simple, negative =
+    ConditioningZeroOut) with FluxGuidance 3.5, the story encoder, IPCA (exact path: T5 is bidirectional) and one
+    shared initial noise for every frame."""
+    from storykit.runner.workflow_builder import Graph
+    spec = FAMILIES[family]
+    g = Graph(nodes_module.NODE_CLASS_MAPPINGS)
+    unet = g.add("UNETLoader", {"unet_name": spec["unet"], "weight_dtype": "default"}, pos=(40, 80))
+    clip_type, clip_widgets = spec["clip"]
+    clip = g.add(clip_type, {**clip_widgets, "device": "default"}, pos=(40, 240))
+    vae = g.add("VAELoader", {"vae_name": spec["vae"]}, pos=(40, 440))
+    encode = g.add("StoryKitOnePromptStoryEncode", {"identity_prompt": ONE_PROMPT_IDENTITY,
+                                                    "frame_prompts": ONE_PROMPT_FRAMES}, pos=(420, 240),
+                   size=(460, 420))
+    g.connect(clip, "CLIP", encode, "clip")
+    ipca = g.add("StoryKitIdentityPreservingCrossAttention", {"path": "concatenated (exact)"}, pos=(420, 80))
+    g.connect(unet, "MODEL", ipca, "model")
+    g.connect(encode, 1, ipca, "identity")
+    guidance = g.add("FluxGuidance", {"guidance": spec["guidance"]}, pos=(940, 240))
+    g.connect(encode, 0, guidance, "conditioning")
+    negative = g.add("ConditioningZeroOut", pos=(940, 380))
+    g.connect(encode, 0, negative, "conditioning")
+    latent = g.add(spec["latent"], {"width": spec["size"], "height": spec["size"]}, pos=(940, 480))
+    g.connect(encode, 2, latent, "batch_size")
+    shared = g.add("StoryKitSharedNoiseLatent", pos=(940, 660))
+    g.connect(latent, "LATENT", shared, "samples")
+    sampler = g.add("KSampler", {"seed": 42, "steps": spec["steps"],
+                                 "cfg": spec["cfg"], "sampler_name": spec["sampler"],
+                                 "scheduler": spec["scheduler"], "denoise": 1.0}, pos=(1300, 80))
+    g.connect(ipca, "MODEL", sampler, "model")
+    g.connect(guidance, 0, sampler, "positive")
+    g.connect(negative, 0, sampler, "negative")
+    g.connect(shared, "LATENT", sampler, "latent_image")
+    decode = g.add("VAEDecode", pos=(1660, 80))
+    g.connect(sampler, "LATENT", decode, "samples")
+    g.connect(vae, "VAE", decode, "vae")
+    save = g.add("SaveImage", {"filename_prefix": f"storykit_1p1s_{family}"}, pos=(1960, 80), size=(480, 480))
+    g.connect(decode, "IMAGE", save, "images")
+    prompts = g.add("PreviewAny", title="Consolidated prompts", pos=(1300, 520))
+    g.connect(encode, 3, prompts, "source")
+    return g.dumps()
+
+
 def main() -> int:
     sys.path.insert(0, str(REPO.parent))
     from storykit.runner import host
     h = host.boot(cpu=True)
-    for family in sys.argv[1:] or FAMILIES:
-        (REPO / "workflows" / f"storykit_csa_{family}.json").write_text(build(h.nodes, family), encoding="utf-8")
+    for name in sys.argv[1:] or [*FAMILIES, "1p1s_flux"]:
+        if name == "1p1s_flux":
+            text, target = build_1p1s(h.nodes, "flux"), "storykit_1p1s_flux.json"
+        else:
+            text, target = build(h.nodes, name), f"storykit_csa_{name}.json"
+        (REPO / "workflows" / target).write_text(text, encoding="utf-8")
     return 0
 
 
