@@ -4,7 +4,11 @@
    concatenated keys/values; time (median of repeats after warmup) and memory (CUDA: max_memory_allocated;
    CPU: peak live bytes of the tensors the layer creates, tracked op by op with a TorchDispatchMode);
 2. SVR time per frame (SD1.5: 768 channels; SDXL: 768 + 1280, each part on its own);
-3. a whole 5-frame story on the tiny SD1.5 model: this pack's flow (frames in one batch, IPCA bias) vs plain sampling
+3. IPCA on one FLUX.1 joint-attention block at 1024 px (512 T5 + 4096 image tokens, 24 heads x 128; a quarter
+   of the tokens with --quick), through the real site override (attention_sites.JointAttention + ipca_patch's
+   technique): plain joint attention vs the site with no technique work (its split into text and image queries) vs
+   IPCA bias vs IPCA exact (P0 alone as extra text rows), time and peak;
+4. a whole 5-frame story on the tiny SD1.5 model: this pack's flow (frames in one batch, IPCA bias) vs plain sampling
    of the same frames vs the reference code's flow (one extra generation of the identity prompt to store its
    keys/values, then each frame alone with concatenated keys/values); denoiser calls counted with an APPLY_MODEL
    wrapper, time measured around comfy.sample.sample.
@@ -81,7 +85,92 @@ def svr_per_frame(ops, frames=5, repeats=5):
         say(f"  {label:14s} {t * 1e3:7.2f} ms per frame")
 
 
-# ---------------------------------------------------------------------------------------------- 3. story
+# ---------------------------------------------------------------------------------------------- 3. DiT block
+def joint_attention_case(mod, host_attention, quick, frames=2, identity_rows=20, repeats=5):
+    import types
+    package = mod.__package__
+    sites = sys.modules.get(package + ".attention_sites") or __import__(package + ".attention_sites", fromlist=["x"])
+    ipca = __import__(package + ".ipca_patch", fromlist=["x"])
+    scale = 4 if quick else 1
+    n_text, n_image, heads, dim = 512 // scale, 4096 // scale, 24, 128
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    func = host_attention.optimized_attention
+    options = {"block_type": "double", "block_index": 0, "cond_or_uncond": [0], "sigmas": torch.full((frames,), .5)}
+    site = sites.JointAttention(sites.FAMILIES["Flux"], types.SimpleNamespace(patch_size=2), {("double", 0)})
+    identity = mod.StoryIdentity(identity_rows, 0, torch.zeros(1, identity_rows, 8), frames, ("l", "t5xxl"),
+                                 tuple(range(identity_rows)), False)
+    bias = ipca.JointIPCA(identity, exact=False, text_offset=0)
+    exact = ipca.JointIPCA(identity, exact=True, text_offset=0)
+    exact.context_len = n_text                      # as its APPLY_MODEL wrapper sets it per model call
+    q, k, v = (torch.randn(frames, heads, n_text + n_image, dim, device=device) for _ in range(3))
+    qe, ke, ve = (torch.randn(frames, heads, n_text + identity_rows + n_image, dim, device=device) for _ in range(3))
+
+    def call(technique, layout, q, k, v):
+        return site.attention(technique, layout, None, func, q, k, v, heads, skip_reshape=True, mask=None,
+                              transformer_options=options)
+    class PassThrough:     # the site's own cost: the same split of text / image queries, no IPCA
+        def active(self, call):
+            return True
+
+        def attend(self, call, q, k, v, attend):
+            return attend(q, k, v)
+    fns = {"plain joint attention": lambda: func(q, k, v, heads, skip_reshape=True),
+           "site pass-through": lambda: call(PassThrough(), (n_text, n_image), q, k, v),
+           "IPCA bias": lambda: call(bias, (n_text, n_image), q, k, v),
+           "IPCA exact (T5)": lambda: call(exact, (n_text + identity_rows, n_image), qe, ke, ve)}
+    with torch.no_grad():
+        times = compare(fns, warmup=1, repeats=repeats)
+        peaks = {label: peak_bytes(fn) for label, fn in fns.items()}
+    base_t, base_m = times["plain joint attention"], peaks["plain joint attention"]
+    say(f"\n[FLUX.1 block] joint attention, {frames} frames (cond only, cfg 1), {n_text} text + {n_image} image "
+        f"tokens, {heads} heads x {dim}, {identity_rows} identity rows, fp32, host attention {func.__name__}")
+    say("| method | time | vs plain | peak MB | vs plain |")
+    say("|---|---|---|---|---|")
+    for label in fns:
+        say(f"| {label} | {times[label] * 1e3:.1f} ms | {times[label] / base_t:.3f}x | {peaks[label] / 2**20:.0f} | "
+            f"{peaks[label] / base_m:.2f}x |")
+
+
+def t5_bias_gap(mod, kinds=("flux", "chroma", "sd3"), sigmas=(0.9, 0.6, 0.3)):
+    """IPCA bias vs exact on T5 (bidirectional), tiny random-weight models: one denoiser call per sigma on 2 story
+    frames (cond rows), || bias - exact || / || exact - plain || of the model output (plain = no IPCA)."""
+    import comfy.model_management  # noqa: F401 - the host is booted
+    from storykit.runner import testmodels
+    encode = mod.OnePromptStoryEncode
+    ipca = mod.IdentityPreservingCrossAttention
+    say("\n[IPCA on T5] bias (approximation) vs exact path, tiny models, 2 frames, model output at sigma "
+        + ", ".join(map(str, sigmas)))
+    say("| model | IPCA effect (exact vs plain, relative) | bias vs exact, relative to the effect |")
+    say("|---|---|---|")
+    for kind in kinds:
+        model, clip, _ = testmodels.tiny_models(kind, 0)
+        out = encode.execute(clip, "a watercolor fox wearing a red scarf", "reads a book\nruns in the snow", 10,
+                             "SVR", 0.01, 1.0, 0.01, 0.05).result
+        context, identity = out[0][0][0], out[1]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, model.model.latent_format.latent_channels, 8, 8, generator=g)
+        conds = model.model.extra_conds(cross_attn=context, pooled_output=out[0][0][1].get("pooled_output"),
+                                        guidance=3.5, noise=x, device=x.device, width=64, height=64)
+        extra = {k: v.process_cond(batch_size=2, device=x.device).cond for k, v in conds.items()}
+        ctx = extra.pop("c_crossattn")
+        models = {"plain": model, "bias": ipca.execute(model, identity, "bias (fast)", 0.0, 0).result[0],
+                  "exact": ipca.execute(model, identity, "concatenated (exact)", 0.0, 0).result[0]}
+        effect, gap = [], []
+        for sigma in sigmas:
+            res = {}
+            for name, m in models.items():
+                options = dict(m.model_options.get("transformer_options", {}))
+                options.update({"wrappers": m.wrappers, "cond_or_uncond": [0], "sigmas": torch.full((2,), sigma)})
+                with torch.no_grad():
+                    res[name] = m.model.apply_model(x, torch.full((2,), sigma), c_crossattn=ctx,
+                                                    transformer_options=options, **extra)
+            effect.append(float((res["exact"] - res["plain"]).norm() / res["plain"].norm()))
+            gap.append(float((res["bias"] - res["exact"]).norm() / (res["exact"] - res["plain"]).norm()))
+        say(f"| tiny {kind} | {min(effect):.2e} - {max(effect):.2e} | {min(gap):.2f} - {max(gap):.2f} |")
+
+
+# ---------------------------------------------------------------------------------------------- 4. story
 def story_cost(h, mod, frames, steps, size, repeats):
     import comfy.patcher_extension
     import comfy.sample
@@ -171,6 +260,8 @@ def main():
     for shape in shapes:
         cross_attention_layer(mod, host_attention, shape, frames=1, device=device, repeats=5 if args.quick else 15)
     svr_per_frame(ops)
+    joint_attention_case(mod, host_attention, args.quick, repeats=3 if args.quick else 5)
+    t5_bias_gap(mod)
     story_cost(h, mod, frames=5, steps=4 if args.quick else 10, size=64 if args.quick else 128,
                repeats=3 if args.quick else 5)
 
