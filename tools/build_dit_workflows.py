@@ -47,14 +47,29 @@ FAMILIES = {
 }
 
 
-def build(nodes_module, family: str) -> str:
-    from storykit.runner.workflow_builder import Graph
-    spec = FAMILIES[family]
-    g = Graph(nodes_module.NODE_CLASS_MAPPINGS)
+def _loaders(g, spec):
+    """The template's UNETLoader, text-encoder loader and VAELoader, left column."""
     unet = g.add("UNETLoader", {"unet_name": spec["unet"], "weight_dtype": "default"}, pos=(40, 80))
     clip_type, clip_widgets = spec["clip"]
     clip = g.add(clip_type, {**clip_widgets, "device": "default"}, pos=(40, 240))
     vae = g.add("VAELoader", {"vae_name": spec["vae"]}, pos=(40, 440))
+    return unet, clip, vae
+
+
+def _decode_and_save(g, sampler, vae, prefix, decode_pos, save_pos, side):
+    decode = g.add("VAEDecode", pos=decode_pos)
+    g.connect(sampler, "LATENT", decode, "samples")
+    g.connect(vae, "VAE", decode, "vae")
+    save = g.add("SaveImage", {"filename_prefix": prefix}, pos=save_pos, size=(side, side))
+    g.connect(decode, "IMAGE", save, "images")
+    return decode
+
+
+def build(nodes_module, family: str) -> str:
+    from storykit.runner.workflow_builder import Graph
+    spec = FAMILIES[family]
+    g = Graph(nodes_module.NODE_CLASS_MAPPINGS)
+    unet, clip, vae = _loaders(g, spec)
     model = unet
     if spec["sampling"]:
         kind, widgets = spec["sampling"]
@@ -80,11 +95,7 @@ def build(nodes_module, family: str) -> str:
     g.connect(prompt, 1, sampler, "negative")
     g.connect(prompt, 2, sampler, "story")
     g.connect(latent, "LATENT", sampler, "latent_image")
-    decode = g.add("VAEDecode", pos=(1520, 80))
-    g.connect(sampler, "LATENT", decode, "samples")
-    g.connect(vae, "VAE", decode, "vae")
-    save = g.add("SaveImage", {"filename_prefix": f"storykit_csa_{family}"}, pos=(1900, 80), size=(420, 420))
-    g.connect(decode, "IMAGE", save, "images")
+    decode = _decode_and_save(g, sampler, vae, f"storykit_csa_{family}", (1520, 80), (1900, 80), 420)
     captions = g.add("PreviewAny", title="Captions", pos=(1120, 600))
     g.connect(prompt, 3, captions, "source")
     page = g.add("StoryKitComicLayout", pos=(1520, 220))
@@ -108,10 +119,7 @@ def build_1p1s(nodes_module, family: str = "flux") -> str:
     from storykit.runner.workflow_builder import Graph
     spec = FAMILIES[family]
     g = Graph(nodes_module.NODE_CLASS_MAPPINGS)
-    unet = g.add("UNETLoader", {"unet_name": spec["unet"], "weight_dtype": "default"}, pos=(40, 80))
-    clip_type, clip_widgets = spec["clip"]
-    clip = g.add(clip_type, {**clip_widgets, "device": "default"}, pos=(40, 240))
-    vae = g.add("VAELoader", {"vae_name": spec["vae"]}, pos=(40, 440))
+    unet, clip, vae = _loaders(g, spec)
     encode = g.add("StoryKitOnePromptStoryEncode", {"identity_prompt": ONE_PROMPT_IDENTITY,
                                                     "frame_prompts": ONE_PROMPT_FRAMES}, pos=(420, 240),
                    size=(460, 420))
@@ -134,11 +142,7 @@ def build_1p1s(nodes_module, family: str = "flux") -> str:
     g.connect(guidance, 0, sampler, "positive")
     g.connect(negative, 0, sampler, "negative")
     g.connect(shared, "LATENT", sampler, "latent_image")
-    decode = g.add("VAEDecode", pos=(1660, 80))
-    g.connect(sampler, "LATENT", decode, "samples")
-    g.connect(vae, "VAE", decode, "vae")
-    save = g.add("SaveImage", {"filename_prefix": f"storykit_1p1s_{family}"}, pos=(1960, 80), size=(480, 480))
-    g.connect(decode, "IMAGE", save, "images")
+    _decode_and_save(g, sampler, vae, f"storykit_1p1s_{family}", (1660, 80), (1960, 80), 480)
     prompts = g.add("PreviewAny", title="Consolidated prompts", pos=(1300, 520))
     g.connect(encode, 3, prompts, "source")
     return g.dumps()
