@@ -301,12 +301,14 @@ class OnePromptStoryEncode(io.ComfyNode):
                         "reweights the text embedding so each frame's own description dominates (SVR). Gives one "
                         "CONDITIONING row per frame, in one batch: use a latent batch of `frames` pictures.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The checkpoint's CLIP (SD1.5 or SDXL). LoRAs and CLIP Set Last "
-                              "Layer applied before this node are kept."),
+                io.Clip.Input("clip", tooltip="The model's text encoder: the checkpoint's CLIP (SD1.5, SDXL, SD3.5) "
+                              "or the loader's (FLUX.1 DualCLIPLoader flux, Chroma T5, Qwen-Image Qwen2.5-VL, "
+                              "Z-Image Qwen3). LoRAs and CLIP Set Last Layer applied before this node are kept."),
                 io.String.Input("identity_prompt", multiline=True,
                                 default="a watercolor illustration of a fox wearing a red scarf",
                                 tooltip="Who the story is about and the style, said once; every frame starts with "
-                                        "it. Keep it short: it shares CLIP's 75 tokens with the frames."),
+                                        "it. Keep it short: on CLIP (SD1.5, SDXL, SD3.5) it shares 75 tokens with "
+                                        "the frames (T5 and the LLM encoders have no such limit)."),
                 io.String.Input("frame_prompts", multiline=True,
                                 default="reading a book under a tree\nrunning through a snowy forest\n"
                                         "sleeping by a campfire",
@@ -314,7 +316,7 @@ class OnePromptStoryEncode(io.ComfyNode):
                                         "skipped. Prompt weights (word:1.2) and embedding:name work."),
                 io.Int.Input("window", default=10, min=1, max=64,
                              tooltip="How many frame descriptions each consolidated prompt may hold (paper: 10). "
-                                     "Shrunk automatically until every prompt fits in 75 tokens; more frames in "
+                                     "Shrunk automatically until every prompt fits CLIP's 75 tokens (T5, LLMs: no limit); more frames in "
                                      "the prompt = stronger identity sharing."),
                 io.Combo.Input("mode", options=MODES, default="SVR",
                                tooltip="SVR: singular-value reweighting (the paper's method, the code's order). "
@@ -522,7 +524,7 @@ class IdentityPreservingCrossAttention(io.ComfyNode):
                                        "DiT it runs P0 as extra text rows of each frame, a little slower)."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.05,
                                tooltip="Chance to drop each added identity column per pixel (reference code 0, "
-                                       "paper 0.5). Higher = looser identity, more variety."),
+                                       "paper 0.5). Higher = looser identity, more variety. SD1.5/SDXL only."),
                 io.Int.Input("dropout_seed", default=0, min=0, max=0xffffffffffffffff,
                              tooltip="Seed of the identity-column dropout; only used when dropout > 0."),
             ],
