@@ -33,8 +33,9 @@ class SiteCall:
     image: slice                      # image-token positions on the key axis (the tokens other frames may share)
     sigma: float | None               # this step's sigma
     level: int = 0                    # resolution level, finest 0 (UNet); DiTs have one
-    to_kv: Callable | None = None     # stored bank tokens [M, C'] -> (k [M, C], v [M, C])
-    from_kv: Callable | None = None   # (k rows, v rows) -> tokens to store; None: the site captures elsewhere
+    to_kv: Callable | None = None     # stored bank tokens [M, C'] -> keys, values in the call's layout
+    take: Callable | None = None      # (row, token indices) -> [n, C'] tokens to store; None: captured elsewhere
+    heads: int = 0                    # > 0: q, k, v are heads-first [rows, heads, L, D]; 0: [rows, L, C]
 
 
 def halves_of(options: dict, rows: int) -> list[tuple[int, slice]]:
@@ -158,7 +159,7 @@ class UNetSelfAttention:
         if self.technique.writing():
             call = self.call(extra, n.shape[0], n.shape[1])
             if call is not None:
-                self.technique.capture(call, n)
+                self.technique.capture(call, lambda row, index: n[row, index.to(n.device)])
         return n, context, value
 
     def replace(self, q, k, v, extra):
@@ -307,25 +308,21 @@ class JointAttention:
             return run(*args, **kwargs)  # text-only or another sequence (SD3.5's image-only attn2): not ours
         image = slice(start, start + n_image)
         call = SiteCall(block, halves_of(options, q.shape[0]), image, sigma_of(options), 0,
-                        to_kv=_split_kv, from_kv=_join_kv)
+                        to_kv=functools.partial(_split_kv, q.shape[1] if split else 0),
+                        take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0)
         if not technique.active(call):
             return run(*args, **kwargs)
-
-        def canonical(t):  # [B, L, heads * D]
-            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) if split else t
-
         rest = {key: value for key, value in kwargs.items() if key not in ("skip_reshape", "heads")}
 
         def attend(q_, k_, v_):
-            return run(q_, k_, v_, heads, *args[4:], skip_reshape=False, **rest)
+            return run(q_, k_, v_, heads, *args[4:], skip_reshape=split, **rest)
 
         # text queries (and reference-latent tokens after the image) first, before anything of ours is allocated:
         # the unpatched attention on the very same tensors, bit for bit
         pieces = [run(q.narrow(axis, 0, start), k, v, *args[3:], **kwargs)] if start else []
         tail = length - start - n_image
         after = run(q.narrow(axis, start + n_image, tail), k, v, *args[3:], **kwargs) if tail > 0 else None
-        out_image = technique.attend(call, canonical(q.narrow(axis, start, n_image)), canonical(k), canonical(v),
-                                     attend)
+        out_image = technique.attend(call, q.narrow(axis, start, n_image), k, v, attend)
         if out_image is None:
             return run(*args, **kwargs)
         pieces.append(out_image)
@@ -338,12 +335,21 @@ def _enter_block(options: dict, block: tuple, module, args):
     options["storykit_block"] = block
 
 
-def _join_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([k, v], dim=-1)
+def _take_kv(k: torch.Tensor, v: torch.Tensor, split: bool, row: int, index: torch.Tensor) -> torch.Tensor:
+    """One row's sampled keys and values, side by side, token-major: [n, 2C] (what the bank stores)."""
+    index = index.to(k.device)
+    if split:  # [rows, heads, L, D]
+        pick = [t[row].index_select(1, index).transpose(0, 1).reshape(index.numel(), -1) for t in (k, v)]
+    else:
+        pick = [t[row, index] for t in (k, v)]
+    return torch.cat(pick, dim=-1)
 
 
-def _split_kv(stored: torch.Tensor):
+def _split_kv(heads: int, stored: torch.Tensor):
+    """Stored [M, 2C] -> keys and values [M, C], or heads-first [heads, M, D] for a heads-first call."""
     k, v = stored.chunk(2, dim=-1)
+    if heads:
+        k, v = (t.reshape(t.shape[0], heads, -1).transpose(0, 1) for t in (k, v))
     return k, v
 
 
