@@ -63,6 +63,7 @@ class ConsistentSelfAttention:
         self.attention_budget = attention_budget  # bytes of gathered keys/values per call; None: the default
         self.bank = csa.ReferenceBank(dtype=bank_dtype, storage=bank_storage)
         self.bank_characters: dict[int, frozenset] = {}
+        self.bank_enabled = True  # False: the story sampler re-runs the references beside each reader batch
         self.plan: list[StoryFrame] | None = None
         self.site = None
         self.holds = 0
@@ -137,7 +138,7 @@ class ConsistentSelfAttention:
         """Reference frames write S_j of this block and step to the bank (story runs only).
         take(row, token indices) gives a row's tokens to store; call.image is the span that gets sampled."""
         sigma = self._sigma(call)
-        if sigma is None or not self.writing():
+        if sigma is None or not self.writing() or not self.bank_enabled:
             return
         rate = self._rate(call)
         n_image = call.image.stop - call.image.start
@@ -229,7 +230,7 @@ def model_site(model, layer_set: str = "decoder", blocks: str = "", node: str = 
     if not layers:
         raise ValueError(f"{node}: this UNet has no self-attention layers in '{blocks or layer_set}' "
                          "(try layers 'all')")
-    return sites.UNetSelfAttention(layers)
+    return sites.UNetSelfAttention(layers, max(1, len(getattr(diffusion_model, "output_blocks", ())) // 3))
 
 
 def patch_model(model, rates: list[float], layer_set: str, start_percent: float, end_percent: float,
