@@ -173,7 +173,7 @@ def build_dit(kind: str, seed: int):
     from .testmodels import init_random
     cfg = _model_config(kind)
     model = cfg.get_model({}, device=mm.unet_offload_device())
-    init_random(model.diffusion_model, seed)
+    init_random(model.diffusion_model, seed, in_place=True)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -191,7 +191,7 @@ def build_dit_clip(kind: str, seed: int, embedding_directory=None):
     clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
                          model_options={**options, "dtype": torch.float32,
                                         "initial_device": mm.text_encoder_offload_device()})
-    init_random(clip.cond_stage_model, seed)
+    init_random(clip.cond_stage_model, seed, in_place=True)
     return clip
 
 
@@ -238,6 +238,6 @@ def _vae(layout: str, seed: int):
         vae = comfy.sd.VAE(sd=probe)
     finally:
         logging.disable(logging.NOTSET)
-    init_random(vae.first_stage_model, seed)
+    init_random(vae.first_stage_model, seed, in_place=True)
     vae.first_stage_model.to(vae.vae_dtype)
     return vae
