@@ -130,8 +130,6 @@ def test_samples_through_the_hosts_sampler_with_attention_routed_to_the_override
     rows_per_step = 1 if fam["cfg"] == 1.0 else 2
     assert sum(c["q"][0] for c in calls) == 2 * rows_per_step * per_forward
     assert all({"cond_or_uncond", "sigmas"} <= c["keys"] for c in calls)
-    image = vae.decode(out)
-    assert image.shape[-3:-1] == (32, 32) and torch.isfinite(image).all()
 
 
 def _node_output(node_class, **inputs):
