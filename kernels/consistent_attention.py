@@ -69,38 +69,55 @@ def key_value_index(n_tokens: int, own: int, sources: Sequence[tuple[int, torch.
 def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention,
                               sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
                               bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
-                              bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None) -> torch.Tensor:
+                              bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                              budget_bytes: int | None = None) -> torch.Tensor:
     """Eq. (3)-(4): O_i = Attention(Q_i, K[I_i ; S_j, j in sources_i ; bank], V[...]) for every row i of q.
 
-    q, k, v: [R, N, D], projected. sources[i]: rows j != i of this batch whose sampled tokens samples[j] frame i
-    attends to. bank_k/bank_v: [M, D] projected bank tokens; bank_spans[i]: (start, length) slices of them for row i.
-    Rows whose key/value length agrees are gathered and attended in one batched call.
+    q: [R, Nq, D], k, v: [R, L, D], projected. The queries may be a subset of a row's tokens (a DiT's image tokens,
+    whose keys also hold the frame's own text tokens); every row keeps all L of its own keys. sources[i]: rows
+    j != i whose sampled tokens samples[j] (indices into row j's L keys) frame i attends to. bank_k/bank_v: [M, D]
+    projected bank tokens; bank_spans[i]: (start, length) slices of them for row i. Rows whose key/value length
+    agrees are gathered and attended together; with `budget_bytes`, only as many rows per call as their gathered
+    keys and values fit in (at least one), so memory is bounded whatever the number of frames.
     """
-    rows, n_tokens, dim = q.shape
-    pool_k, pool_v = k.reshape(rows * n_tokens, dim), v.reshape(rows * n_tokens, dim)
-    base = rows * n_tokens
+    rows, n_keys, dim = k.shape
+    pool_k, pool_v = k.reshape(rows * n_keys, dim), v.reshape(rows * n_keys, dim)
+    base = rows * n_keys
     if bank_k is not None and bank_k.shape[0]:
         pool_k, pool_v = torch.cat([pool_k, bank_k.to(k.dtype)]), torch.cat([pool_v, bank_v.to(v.dtype)])
     groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for i in range(rows):
         if i in sources[i]:
             raise ValueError(f"consistent self-attention: frame {i} may not sample its own tokens")
-        picked = [(j * n_tokens, samples[j]) for j in sources[i]]
+        picked = [(j * n_keys, samples[j]) for j in sources[i]]
         for start, length in (bank_spans[i] if bank_spans else ()):
             picked.append((base + start, torch.arange(length)))
-        index = key_value_index(n_tokens, i, picked)
+        index = key_value_index(n_keys, i, picked)
         groups.setdefault(index.numel(), []).append((i, index))
-    if len(groups) == 1 and next(iter(groups)) == n_tokens:
+    if len(groups) == 1 and next(iter(groups)) == n_keys:
         return attention(q, k, v)
-    if len(groups) == 1:  # every row has as many keys (the usual batch): one gather, one call, no scatter
+
+    def step(n_keys_of_group: int) -> int:
+        return rows if budget_bytes is None else rows_within(budget_bytes, n_keys_of_group, dim, k.element_size())
+
+    if len(groups) == 1 and step(next(iter(groups))) >= rows:  # the usual batch: one gather, one call, no scatter
         index = torch.stack([ix for _, ix in next(iter(groups.values()))]).to(k.device)
         return attention(q, _gather(pool_k, index), _gather(pool_v, index))
     out = torch.empty_like(q)
-    for members in groups.values():
-        rows_of = [i for i, _ in members]
-        index = torch.stack([ix for _, ix in members]).to(k.device)
-        out[rows_of] = attention(q[rows_of], _gather(pool_k, index), _gather(pool_v, index))
+    for length, members in groups.items():
+        size = step(length)
+        for first in range(0, len(members), size):
+            chunk = members[first:first + size]
+            rows_of = [i for i, _ in chunk]
+            index = torch.stack([ix for _, ix in chunk]).to(k.device)
+            out[rows_of] = attention(q[rows_of], _gather(pool_k, index), _gather(pool_v, index))
     return out
+
+
+def rows_within(budget_bytes: int, n_keys: int, dim: int, element_size: int) -> int:
+    """How many rows of gathered keys and values ([rows, n_keys, dim] each) fit a memory budget (at least 1)."""
+    per_row = 2 * n_keys * dim * element_size
+    return max(1, budget_bytes // max(per_row, 1))
 
 
 def _gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
