@@ -5,8 +5,9 @@ class, with the family's model_sampling, latent format and text-encoder target),
 consistently: few double/single blocks, 2-4 heads, head dim and RoPE axes divided by the same factor. The text
 encoders are the host's own classes and tokenizers (shipped in the host tree), shrunk with the host's
 `<model_name>_model_config` option, so prompts go through `clip.tokenize` + `clip.encode_from_tokens` unchanged.
-VAEs are host VAEs detected from their state dict (see `build_vae`). Seeded: runner.testmodels.init_random.
-Import the host first (runner.host.boot()).
+VAEs are host VAEs detected from their state dict (see `_vae`). Seeded: runner.testmodels.init_random.
+FLUX.2 has no tiny text encoder: its Mistral tekken vocabulary is not in the host tree, and ComfyUI 0.3.75's
+converter call does not match transformers 5.23 (FLUX2_TOKENIZER_MISSING). Import the host first (runner.host.boot()).
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ TINY_T5_4096 = {**TINY_T5, "d_model": 4096}
 
 FLUX2_TOKENIZER_MISSING = (
     "FLUX.2's text encoder (Mistral 3 Small) tokenizes with Mistral's tekken vocabulary, which ComfyUI 0.3.75 does "
-    "not ship: it reads it from the text-encoder file (tokenizer_data['tekken_model']). No tiny FLUX.2 text encoder "
-    "without it; the tiny FLUX.2 MODEL and VAE work (context width 3 x 64).")
+    "not ship: it reads it from the text-encoder file (tokenizer_data['tekken_model']), and its converter call "
+    "(MistralConverter(vocab=...)) fails with the pinned transformers 5.23 (MistralConverter(vocab_file)). No tiny "
+    "FLUX.2 text encoder; the tiny FLUX.2 MODEL and VAE work (context width 3 x 64).")
 
 
 def _target_and_options(kind: str, model_config):
