@@ -229,7 +229,10 @@ def register_tiny_loaders(nodes_module) -> None:
             def define_schema(cls):
                 return io.Schema(
                     node_id=node_id, display_name=title, category="StoryKit/dev",
-                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS)), io.Int.Input("seed", default=0)],
+                    description=f"Development only (--tiny-model): the seeded random-weight {role} of a model "
+                                "family, built from the host's own classes; pictures are noise.",
+                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS), tooltip="model family"),
+                            io.Int.Input("seed", default=0, tooltip="seed of the random weights")],
                     outputs=outputs)
 
             @classmethod
