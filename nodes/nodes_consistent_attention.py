@@ -294,15 +294,22 @@ class StorySampler(io.ComfyNode):
                                tooltip="How much memory the reference bank may take (0 = half of the free RAM). "
                                        "A story whose bank would not fit re-runs its reference frames beside "
                                        "every reader batch instead: the same pictures, more compute."),
+                io.Sampler.Input("sampler", optional=True,
+                                 tooltip="Optional SAMPLER (KSamplerSelect, or any sampler node), as "
+                                         "SamplerCustomAdvanced graphs use; replaces sampler_name."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="Optional SIGMAS (BasicScheduler, Flux2Scheduler, ...), as ComfyUI's own "
+                                        "DiT templates build them; replaces steps, scheduler and denoise."),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, story, latent_image, seed, seed_mode, steps, cfg, sampler_name,
-                scheduler, batch_size, denoise, bank_memory_gb=0.0) -> io.NodeOutput:
+                scheduler, batch_size, denoise, bank_memory_gb=0.0, sampler=None, sigmas=None) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
+        import comfy.samplers
         import comfy.utils
 
         plan: story_plan.StoryPlan = story
@@ -324,6 +331,11 @@ class StorySampler(io.ComfyNode):
         seeds = [seed if seed_mode.startswith("same") else (seed + i) % 2 ** 64 for i in range(n_frames)]
         noise = torch.cat([comfy.sample.prepare_noise(per_frame[i:i + 1], seeds[i]) for i in range(n_frames)])
 
+        if sigmas is not None:
+            if sigmas.numel() < 2:
+                raise ValueError("StoryKit Story Sampler: sigmas holds fewer than 2 values: connect a scheduler "
+                                 "with at least 1 step")
+            steps = sigmas.numel() - 1
         batches = [(rows, rows) for rows in story_batches(plan, batch_size)]
         if state is not None and cls._bank_too_big(state, plan, per_frame.shape, steps, cfg, bank_memory_gb):
             state.bank_enabled = False
@@ -346,10 +358,17 @@ class StorySampler(io.ComfyNode):
                         comfy.model_management.throw_exception_if_processing_interrupted()
                         progress.update_absolute(done + (step + 1) * size, total)
 
-                    out = comfy.sample.sample(model, noise[rows], steps, cfg, sampler_name, scheduler,
-                                              _frame_rows(positive, rows, n_frames), negative, per_frame[rows],
-                                              denoise=denoise, callback=on_step, disable_pbar=True,
-                                              seed=seeds[rows[0]])
+                    conds = _frame_rows(positive, rows, n_frames)
+                    if sigmas is None and sampler is None:
+                        out = comfy.sample.sample(model, noise[rows], steps, cfg, sampler_name, scheduler, conds,
+                                                  negative, per_frame[rows], denoise=denoise, callback=on_step,
+                                                  disable_pbar=True, seed=seeds[rows[0]])
+                    else:  # the SamplerCustomAdvanced pieces: a SAMPLER object and/or a SIGMAS schedule
+                        out = comfy.sample.sample_custom(
+                            model, noise[rows], cfg, sampler or comfy.samplers.sampler_object(sampler_name),
+                            sigmas if sigmas is not None else cls._sigmas(model, scheduler, steps, denoise),
+                            conds, negative, per_frame[rows], callback=on_step, disable_pbar=True,
+                            seed=seeds[rows[0]])
                     result[keep] = out[[rows.index(i) for i in keep]].to(result.dtype)
                     done += len(rows) * steps
                     progress.update_absolute(done, total)
@@ -360,6 +379,13 @@ class StorySampler(io.ComfyNode):
         output["samples"] = result
         return io.NodeOutput(output)
 
+
+    @staticmethod
+    def _sigmas(model, scheduler: str, steps: int, denoise: float):
+        import comfy.samplers
+        sampling = model.get_model_object("model_sampling")
+        total = steps if denoise >= 1.0 else int(steps / max(denoise, 1e-4))
+        return comfy.samplers.calculate_sigmas(sampling, scheduler, total)[-(steps + 1):].cpu()
 
     @staticmethod
     def _bank_too_big(state, plan, latent_shape, steps: int, cfg: float, bank_memory_gb: float) -> bool:

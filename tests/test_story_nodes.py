@@ -52,7 +52,9 @@ def test_story_prompt_too_many_tokens(node_class, tiny_sd15):
 
 
 def _sample(node_class, model, positive, negative, plan, batch_size, steps=2, sampler="euler", seed_mode="same",
-            **kw):
+            custom_sampler=None, **kw):
+    if custom_sampler is not None:
+        kw["sampler"] = custom_sampler
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     mode = "same for all frames" if seed_mode == "same" else "per frame (seed + frame number)"
     return node_class("StoryKitStorySampler").execute(
@@ -85,6 +87,20 @@ def test_story_sampler_result_does_not_depend_on_batch_size(node_class, tiny_sd1
     nc = [f.index for f in plan.frames if not f.characters]
     assert not torch.allclose(one[readers[0]], plain[readers[0]], atol=1e-5)  # the bank changed the frame
     torch.testing.assert_close(one[nc], plain[nc], atol=1e-5, rtol=1e-5)  # [NC]: plain attention
+
+
+def test_story_sampler_takes_a_sampler_and_sigmas_as_custom_sampler_graphs_build_them(node_class, tiny_sd15):
+    import comfy.samplers
+    model, clip, _ = tiny_sd15
+    positive, negative, plan, _ = _prompt(node_class, clip)
+    patched = _csa(node_class, model.clone())
+    plain = _sample(node_class, patched, positive, negative, plan, batch_size=4)["samples"]
+    sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", 2).cpu()
+    custom = _sample(node_class, patched, positive, negative, plan, batch_size=4,
+                     custom_sampler=comfy.samplers.sampler_object("euler"), sigmas=sigmas)["samples"]
+    torch.testing.assert_close(custom, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fewer than 2 values"):
+        _sample(node_class, patched, positive, negative, plan, batch_size=4, sigmas=sigmas[:1])
 
 
 def test_a_bank_over_its_budget_re_runs_the_references_and_gives_the_same_pictures(node_class, tiny_sd15, caplog):
