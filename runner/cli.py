@@ -205,7 +205,7 @@ def register_tiny_loader(nodes_module) -> None:
     """A development-only loader node that hands out the seeded tiny models (never part of the pack's node list)."""
     if TINY_LOADER in nodes_module.NODE_CLASS_MAPPINGS:
         return
-    from comfy_api.latest import io
+    from ..nodes.v3 import io
 
     from . import testmodels
 
