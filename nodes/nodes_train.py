@@ -276,7 +276,7 @@ class StoryKitTrainTextualInversion(io.ComfyNode):
                 io.String.Input("custom_templates", multiline=True, default="a photo of {}\nan illustration of {}",
                                 tooltip="One caption per line, {} where the new word goes (used when templates is "
                                         "'custom')."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise, noise levels, captions and flips per step all follow this seed."),
                 io.Boolean.Input("random_flips", default=True, optional=True,
                                  tooltip="Mirror pictures at random (paper default); off for asymmetric subjects."),
@@ -597,7 +597,7 @@ class StoryKitTrainDreamBooth(io.ComfyNode):
                              tooltip="Training size: 512 for SD1.5, 1024 for SDXL."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less memory, ~30% slower."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds LoRA init, class pictures, noise and noise levels."),
                 io.String.Input("output_name", default="storykit_dreambooth",
                                 tooltip="File name in loras/ (LoRA) or checkpoints/ (full); never overwrites."),
