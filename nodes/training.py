@@ -77,8 +77,8 @@ def resident(patcher, node: str, what: str = "model"):
     """The patcher to train through: this one, or, under Dynamic VRAM, the host's own copy without it.
 
     ModelPatcherDynamic.load() asserts against full loads and casts weights per layer from pinned buffers, so autograd
-    cannot run through its weights. `clone(disable_dynamic=True)` is the host's way out (TorchCompileModel uses it): a
-    plain ModelPatcher over a freshly loaded copy of the same checkpoint, with this patcher's patches and options.
+    cannot run through its weights. `clone(disable_dynamic=True)` is the host's way out: a plain ModelPatcher over a
+    freshly loaded copy of the same checkpoint (its cached_patcher_init), with this patcher's patches and options.
     """
     if not is_dynamic(patcher):
         return patcher
