@@ -286,3 +286,39 @@ def test_dynamic_model_without_a_loader_copy_gets_a_clear_error(host, tiny_sd15,
             prior_preservation=False, prior_weight=1.0, class_latents=None, mode="LoRA", rank=2, alpha=2.0,
             train_text_encoder=False, learning_rate=1e-2, text_encoder_lr=1e-4, steps=1, batch_size=1,
             resolution=64, gradient_checkpointing=False, seed=0, name="db_dynamic_err", flips=False)
+
+
+def dynamic_clip(seed: int):
+    """A CLIP whose patcher keeps the dynamic contract, with 0.4x's CLIP.clone(disable_dynamic=...) (comfy/sd.py:
+    `n.patcher = self.patcher.clone(disable_dynamic=disable_dynamic)`, the text encoder module left as it was)."""
+    import comfy.sd
+    from storykit.runner import testmodels
+
+    class DynamicCLIP(comfy.sd.CLIP):
+        def clone(self, disable_dynamic=False):
+            n = super().clone()
+            n.__class__ = DynamicCLIP
+            n.patcher = self.patcher.clone(disable_dynamic=disable_dynamic)
+            return n
+
+    clip = testmodels.build_clip("sd15", seed)
+    clip.__class__ = DynamicCLIP
+    patcher = clip.patcher.clone()
+    patcher.__class__ = dynamic_patcher_class()
+    patcher.cached_patcher_init = ((lambda disable_dynamic=False: testmodels.build_clip("sd15", seed).patcher), ())
+    clip.patcher = patcher
+    return clip
+
+
+def test_textual_inversion_trains_through_a_plain_text_encoder_copy(host, tiny_sd15, trainers):
+    model, _, vae = tiny_sd15
+    clip = dynamic_clip(9)
+    before = {k: v.detach().clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    with torch.inference_mode():
+        path, rows, history = trainers.train_textual_inversion(
+            model, clip, vae, pictures(2), token="ti_dynamic", initializer_word="person", vectors=1, steps=2,
+            learning_rate=1e-2, batch_size=1, resolution=64, templates=trainers.OBJECT_TEMPLATES[:2], seed=0)
+    assert path.is_file() and len(history["loss"]) == 2
+    assert all(torch.isfinite(r).all() for r in rows.values())
+    assert getattr(clip.patcher, "dynamic_loads", 0) == 0  # the dynamic text encoder was never loaded to train
+    assert all(torch.equal(v, clip.cond_stage_model.state_dict()[k]) for k, v in before.items())
