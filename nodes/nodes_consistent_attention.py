@@ -6,7 +6,7 @@ import logging
 import math
 
 import torch
-from comfy_api.latest import io
+from .v3 import io
 
 from ..kernels import story_plan
 from . import csa_patch

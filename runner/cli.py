@@ -216,7 +216,7 @@ def register_tiny_loaders(nodes_module) -> None:
     with the outputs of Load Checkpoint (MODEL, CLIP, VAE) and one each for MODEL, CLIP and VAE."""
     if all(node_id in nodes_module.NODE_CLASS_MAPPINGS for node_id in TINY_NODES.values()):
         return
-    from comfy_api.latest import io
+    from ..nodes.v3 import io
 
     from . import testmodels
 
