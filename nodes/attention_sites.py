@@ -36,6 +36,7 @@ class SiteCall:
     to_kv: Callable | None = None     # stored bank tokens [M, C'] -> keys, values in the call's layout
     take: Callable | None = None      # (row, token indices) -> [n, C'] tokens to store; None: captured elsewhere
     heads: int = 0                    # > 0: q, k, v are heads-first [rows, heads, L, D]; 0: [rows, L, C]
+    n_heads: int = 0                  # attention heads (for the memory bound of a token-major call)
 
 
 def halves_of(options: dict, rows: int) -> list[tuple[int, slice]]:
@@ -159,7 +160,8 @@ class UNetSelfAttention:
         def to_kv(states):  # the bank holds normed hidden states: project them once for every reader
             states = states.unsqueeze(0)
             return attn1.to_k(states)[0], attn1.to_v(states)[0]
-        return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv)
+        return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv,
+                        n_heads=options.get("n_heads", 0))
 
     def install(self, patched, technique) -> None:
         self.technique = technique
@@ -341,7 +343,8 @@ class JointAttention:
         image = slice(start, start + n_image)
         call = SiteCall(block, halves_of(options, q.shape[0]), image, sigma_of(options), 0,
                         to_kv=functools.partial(_split_kv, q.shape[1] if split else 0),
-                        take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0)
+                        take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0,
+                        n_heads=heads or 0)
         if not technique.active(call):
             return run(*args, **kwargs)
         rest = {key: value for key, value in kwargs.items() if key not in ("skip_reshape", "heads")}
