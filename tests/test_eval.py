@@ -262,12 +262,24 @@ def test_story_consistency_node_in_the_shipped_workflow(run_workflow, model_dirs
     assert result.outputs["13"]["images"]
 
 
+def _letterbox(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Fit a photograph into a size x size grey square without changing its shape (one IMAGE batch needs one size)."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    small = torch.nn.functional.interpolate(image.movedim(-1, 0)[None], size=(round(h * scale), round(w * scale)),
+                                            mode="bilinear", antialias=True)[0].movedim(0, -1)
+    canvas = torch.full((size, size, 3), 0.5)
+    top, left = (size - small.shape[0]) // 2, (size - small.shape[1]) // 2
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return canvas
+
+
 def test_story_consistency_node_scores_and_draws_the_pair_matrix(node_class, model_dirs, photos):
     node = node_class("StoryKitConsistencyScore")
-    frames = torch.stack([torch.nn.functional.interpolate(p.movedim(-1, 0)[None], size=(200, 160))[0].movedim(0, -1)
-                          for p in (photos["obama.jpg"], photos["obama2.jpg"], photos["biden.jpg"])])
+    frames = torch.stack([_letterbox(photos[n], 400) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")])
     out = node.execute(frames, "auto", "auto", "none", "auto", prompts="a\nb\nc").result
     scores = json.loads(out[0])
+    assert scores["faces_found"] == [True, True, True]
     assert scores["metrics"]["face_same"]["mean"] == pytest.approx(1 / 3)
     assert "dreamsim" in scores["missing"] and "CLIP-T:" in out[1]
     assert out[2].shape[0] == 1 and out[2].shape[-1] == 3 and out[2].shape[2] > out[2].shape[1]
