@@ -258,7 +258,7 @@ def table(rows: list[dict], label: str) -> tuple[dict, str]:
     """The benchmark row (mean and spread over stories) and a Table-1-style text table with the published rows."""
     from ..kernels import consistency as cons
     summary = {name: cons.aggregate([_mean(r, name) for r in rows]) for name, _, _ in COLUMNS}
-    used = [c for c in COLUMNS if summary[c[0]]["n"]] or list(COLUMNS[:3])
+    used = [c for c in COLUMNS if c[0] in ("clip_t", "clip_i", "dreamsim") or summary[c[0]]["n"]]  # Table 1's first
     head = ["Method"] + [f"{lab} {'↑' if up else '↓'}" for _, lab, up in used]
     lines = [head, [label] + [f"{summary[n]['mean']:.4f} ± {summary[n]['std']:.4f}" if summary[n]["n"] else "-"
                               for n, _, _ in used]]
