@@ -22,6 +22,8 @@ CONSISTORY_FRAMES, CONSISTORY_STORIES = 1100, 192
 
 def build(folder, kind):
     import transformers
+
+    from storykit.tests.eval_fixtures import write_clip_dir
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(0)
@@ -32,7 +34,7 @@ def build(folder, kind):
             vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                            "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
             projection_dim=768)
-        model = transformers.CLIPModel(config)
+        return write_clip_dir(folder, config)
     elif kind == "dino":  # facebook/dinov2-base
         model = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=768, num_hidden_layers=12,
                                                                    num_attention_heads=12, image_size=518,
@@ -42,14 +44,6 @@ def build(folder, kind):
                                                              num_attention_heads=12, intermediate_size=3072,
                                                              image_size=224, patch_size=16), add_pooling_layer=False)
     model.save_pretrained(str(folder))
-    if kind == "clip":
-        import shutil
-
-        import comfy.sd1_clip
-        from pathlib import Path
-        tok = Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
-        for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
-            shutil.copy(tok / name, folder / name)
     return folder
 
 
@@ -88,9 +82,10 @@ def main() -> None:
             encoder.encode_text(prompts)
             rates["CLIP ViT-L/14 text (CLIP-T)"] = args.frames / (time.perf_counter() - start)
             say(f"{'CLIP ViT-L/14 text (CLIP-T)':52s} {rates['CLIP ViT-L/14 text (CLIP-T)']:7.2f} prompts/s")
-    from storykit.tests.eval_fixtures import face_photos
     import numpy as np
     from PIL import Image
+
+    from storykit.tests.eval_fixtures import face_photos
     photo = Image.open(face_photos()["obama.jpg"]).convert("RGB").resize((args.size, args.size))
     face_frames = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0)[None] + \
         torch.linspace(0, 1e-3, args.frames)[:, None, None, None]  # distinct frames, so none comes from the cache

@@ -144,6 +144,7 @@ class Encoder:
     encode_text: object = None        # list[str] -> (N, D), CLIP folders only
     batch: int = 8
     cache: dict = field(default_factory=dict)
+    text_missing: str = ""            # why CLIP-T has no text side, when it has none
 
     def features(self, images, masks=None) -> torch.Tensor:
         """(N, D) features of a (N, H, W, C) batch or a list of (H, W, C) frames (sizes may differ), each frame
@@ -234,10 +235,85 @@ def _load_clip_vision(kind: str, path: Path) -> Encoder:
                    lambda x: model.encode_image(x, crop=True)["image_embeds"])
 
 
-def load_encoder(kind: str, path: str | None = None) -> Encoder:
+def _header(path: Path) -> dict[str, tuple]:
+    """Tensor name -> shape of a safetensors file, read from its header only."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _projection_dim(keys: dict, name: str) -> int | None:
+    if f"{name}.weight" in keys:
+        return keys[f"{name}.weight"][0]
+    return keys[name][1] if name in keys else None  # the old (in, out) layout CLIPSave wrote
+
+
+def find_text_encoder(image_dim: int, path: str | None = None) -> Path:
+    """The CLIP text encoder file that matches a CLIP-vision file's embedding: CLIP-L (768, pairs with ViT-L/14
+    vision) or CLIP-G (1280, pairs with ViT-bigG), with its text projection; from models/clip, models/text_encoders."""
+    candidates = [Path(path).expanduser()] if path else []
+    looked = [str(c) for c in candidates]
+    if not path:
+        for folder in _folders("clip"):
+            if folder.name in ("clip", "text_encoders"):
+                looked.append(str(folder))
+                candidates += sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for candidate in candidates:
+        try:
+            keys = _header(candidate)
+        except Exception:  # noqa: BLE001 - not a readable safetensors file: not a candidate
+            continue
+        if "text_model.embeddings.token_embedding.weight" in keys and _projection_dim(keys, "text_projection") \
+                == image_dim:
+            return candidate
+    raise ModelMissing("clip", looked, f"no CLIP text encoder with a {image_dim}-wide text projection to pair with "
+                       "the CLIP-vision file for CLIP-T (clip_l.safetensors pairs with ViT-L/14 vision, clip_g with "
+                       "ViT-bigG; the text encoder inside an SD1.5 checkpoint lacks the projection)")
+
+
+def _host_text_side(path: Path):
+    """CLIP-T's text side through the host's text-encoder loader (comfy.sd.load_clip, as the Load CLIP node does):
+    the pooled output at the end token, projected; the prompt's first 77 tokens."""
+    import comfy.sd
+    import comfy.utils
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    projection = sd["text_projection.weight"] if "text_projection.weight" in sd else sd["text_projection"].T
+    clip_g = "text_model.encoder.layers.31.mlp.fc1.weight" in sd
+    del sd
+    clip = comfy.sd.load_clip([str(path)], embedding_directory=None)
+
+    def encode_text(texts):
+        rows = []
+        with torch.inference_mode():
+            for text in texts:
+                tokens = {k: v[:1] for k, v in clip.tokenize(text).items()}
+                _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+                rows.append(pooled[0].float().cpu())
+        pooled = torch.stack(rows)
+        # the host's CLIP-G pooled output is projected already; its CLIP-L (SD1) output is not
+        return pooled if clip_g else pooled @ projection.float().cpu().T
+
+    return encode_text
+
+
+def load_encoder(kind: str, path: str | None = None, text_path: str | None = None) -> Encoder:
     how, where = find_model(kind, path)
     log.info("StoryKit eval: %s from %s", kind, where)
-    return _load_transformers(kind, where) if how == "transformers" else _load_clip_vision(kind, where)
+    if how == "transformers":
+        return _load_transformers(kind, where)
+    encoder = _load_clip_vision(kind, where)
+    if kind == "clip" and text_path != "none":
+        image_dim = _projection_dim(_header(where), "visual_projection") or \
+            _projection_dim(_header(where), "visual.proj")
+        try:
+            text_file = find_text_encoder(image_dim, text_path)
+        except ModelMissing as exc:
+            encoder.text_missing = str(exc)
+            log.warning("StoryKit eval: %s", exc)
+            return encoder
+        encoder.encode_text = _host_text_side(text_file)
+        encoder.source += f" + text {text_file.name} (comfy.sd.load_clip)"
+    return encoder
 
 
 class FaceModel:
@@ -294,7 +370,8 @@ class Models:
 
 
 def load_models(paths: dict | None = None, wanted=("clip", "dino", "dreamsim", "face")) -> Models:
-    """Load each wanted model; a missing one is recorded (its metrics are skipped), the others still load."""
+    """Load each wanted model; a missing one is recorded (its metrics are skipped), the others still load. paths may
+    name "clip_text" too: the text encoder for CLIP-T beside a CLIP-vision file."""
     paths = paths or {}
     models = Models()
     for kind in wanted:
@@ -302,7 +379,8 @@ def load_models(paths: dict | None = None, wanted=("clip", "dino", "dreamsim", "
             models.missing[kind] = "turned off"
             continue
         try:
-            value = FaceModel(paths.get(kind)) if kind == "face" else load_encoder(kind, paths.get(kind))
+            value = FaceModel(paths.get(kind)) if kind == "face" else \
+                load_encoder(kind, paths.get(kind), paths.get("clip_text") if kind == "clip" else None)
         except (ModelMissing, ImportError) as exc:
             models.missing[kind] = str(exc)
             log.warning("StoryKit eval: %s", exc)
@@ -333,7 +411,8 @@ def score_story(models: Models, images: torch.Tensor, prompts: list[str] | None 
             result["clip_t_per_frame"] = scores.tolist()
             result["metrics"]["clip_t"] = cons.summary(scores.tolist())
         elif prompts:
-            result["notes"].append("CLIP-T needs a full CLIP (text and image); the CLIP-vision file has no text side")
+            result["notes"].append("CLIP-T needs a CLIP text side: " + (models.clip.text_missing or
+                                                                         "this CLIP has none"))
         elif models.clip.encode_text is not None:
             result["notes"].append("no prompts: CLIP-T left empty")
     for kind, name, matrix_of in (("dino", "dino", cons.cosine_matrix),

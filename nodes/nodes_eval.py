@@ -99,6 +99,10 @@ class StoryConsistencyScore(io.ComfyNode):
                 io.String.Input("clip_model", default="auto",
                                 tooltip="CLIP for CLIP-T and CLIP-I. " + MODEL_TIP.format(
                                     folders="clip_vision, clip, text_encoders")),
+                io.String.Input("clip_text_model", default="auto",
+                                tooltip="Only when clip_model is a CLIP-vision file: the text encoder of the same "
+                                        "CLIP for CLIP-T (clip_l.safetensors beside ViT-L/14 vision, clip_g beside "
+                                        "ViT-bigG). 'auto' finds one in models/clip or models/text_encoders."),
                 io.String.Input("dino_model", default="auto",
                                 tooltip="DINOv2 for DINO. " + MODEL_TIP.format(folders="dinov2, dino, clip_vision")),
                 io.String.Input("dreamsim_model", default="auto",
@@ -112,7 +116,7 @@ class StoryConsistencyScore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, clip_model, dino_model, dreamsim_model, face_model, prompts="", story=None,
+    def execute(cls, images, clip_model, clip_text_model, dino_model, dreamsim_model, face_model, prompts="", story=None,
                 masks=None) -> io.NodeOutput:
         lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         if not lines and story is not None:
@@ -120,7 +124,7 @@ class StoryConsistencyScore(io.ComfyNode):
         if lines and len(lines) != images.shape[0]:
             raise ValueError(f"{NODE}: prompts has {len(lines)} lines for {images.shape[0]} frames; write one "
                              "prompt per frame, or leave it empty")
-        choice = {"clip": clip_model, "dino": dino_model, "dreamsim": dreamsim_model, "face": face_model}
+        choice = {"clip": clip_model, "clip_text": clip_text_model, "dino": dino_model, "dreamsim": dreamsim_model, "face": face_model}
         models = em.load_models({k: None if v.strip().lower() in ("", "auto") else v.strip()
                                  for k, v in choice.items()})
         if masks is not None and masks.shape[0] not in (1, images.shape[0]):

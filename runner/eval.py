@@ -36,7 +36,8 @@ TABLE1 = {"Vanilla SDXL": (0.9074, 0.8165, 0.5292), "IP-Adapter": (0.8458, 0.942
 CONVENTIONS = {
     "clip_t": "CLIPScore: 2.5 x max(cos(image, prompt), 0) per frame, full frame, prompt cut at 77 tokens",
     "clip_i": "cosine of CLIP image embeddings, mean over all pairs of a story's frames, background removed if masked",
-    "dreamsim": "1 - cos of DreamSim embeddings (frames resized to 224 x 224), mean over pairs; lower is more alike",
+    "dreamsim": "1 - cos of DreamSim single-branch DINO ViT-B/16 embeddings (frames resized to 224 x 224), mean "
+                "over pairs; lower is more alike (the DreamSim ensemble is not supported yet)",
     "dino": "cosine of DINOv2 class tokens (224 centre crop), mean over pairs",
     "face_distance": "Euclidean distance of dlib ResNet face descriptors (largest face), mean over pairs with faces",
     "face_same": "share of pairs under dlib's published 0.6 threshold (same person)",
@@ -57,6 +58,9 @@ def register(sub) -> None:
     p.add_argument("--models", help="a models folder laid out like ComfyUI/models (clip_vision/, clip/, dinov2/, ...)")
     for kind in ("clip", "dino", "dreamsim", "face"):
         p.add_argument(f"--{kind}", help=f"the {kind} model: a file or a local folder ('none' turns the metric off)")
+    p.add_argument("--clip-text", help="with a CLIP-vision file as --clip: the text encoder of the same CLIP for "
+                                       "CLIP-T (clip_l / clip_g .safetensors; default: found in models/clip, "
+                                       "models/text_encoders)")
     p.add_argument("--masks", help="a folder of subject masks named like the frames (white = subject) for the "
                                    "identity metrics; frames with an alpha channel use it by default")
     p.add_argument("--label", default="this run", help="the name of your row in the comparison table")
@@ -369,7 +373,7 @@ def main(args) -> int:
     from . import host
     host.boot(models_dir=args.models)
     from ..nodes import eval_models as em
-    models = em.load_models({k: getattr(args, k) for k in ("clip", "dino", "dreamsim", "face")})
+    models = em.load_models({k: getattr(args, k) for k in ("clip", "clip_text", "dino", "dreamsim", "face")})
     if not models.sources():
         sys.stderr.write("storykit eval: no metric can run, no model was found:\n"
                          + "\n".join(models.missing.values()) + "\n")

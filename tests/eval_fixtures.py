@@ -38,6 +38,12 @@ def tiny_clip_dir(root: Path, seed: int = 0) -> Path:
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 64, "patch_size": 16},
         projection_dim=24)
+    return write_clip_dir(folder, config)
+
+
+def write_clip_dir(folder: Path, config) -> Path:
+    """A random-weight transformers CLIPModel of `config`, with the real CLIP tokenizer files ComfyUI ships."""
+    import transformers
     transformers.CLIPModel(config).save_pretrained(str(folder))
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         shutil.copy(_tokenizer_dir() / name, folder / name)
@@ -73,6 +79,25 @@ def random_clip_vision_l(folder: Path, seed: int = 0) -> Path:
     gen = torch.Generator().manual_seed(seed)
     sd = {k: (torch.ones(s) if k.endswith("norm1.weight") or k.endswith("norm2.weight") or "layernorm" in k
               or "layrnorm" in k else torch.randn(s, generator=gen) * 0.02).half() for k, s in shapes.items()}
+    safetensors.torch.save_file(sd, str(path.with_suffix(".part")))
+    path.with_suffix(".part").rename(path)
+    return path
+
+
+def random_clip_l_text(folder: Path, seed: int = 0, projection: bool = True) -> Path:
+    """A full-size CLIP-L text encoder (SD1.5's, with its text projection) with random weights, as clip_l.safetensors
+    is laid out in models/text_encoders; projection=False: as it sits inside an SD1.5 checkpoint."""
+    import comfy.sd1_clip
+    import safetensors.torch
+    path = folder / f"random_clip_l{'' if projection else '_noproj'}.safetensors"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {k: v.shape for k, v in comfy.sd1_clip.SDClipModel(device="cpu").transformer.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: (torch.ones(s) if "layer_norm" in k and k.endswith("weight") else torch.randn(s, generator=gen) * 0.02)
+          .half() for k, s in shapes.items() if projection or "text_projection" not in k}
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     safetensors.torch.save_file(sd, str(path.with_suffix(".part")))
     path.with_suffix(".part").rename(path)
     return path

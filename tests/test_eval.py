@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from storykit.tests.eval_fixtures import face_photos, random_clip_vision_l, tiny_clip_dir, tiny_vit_dir
+from storykit.tests.eval_fixtures import (face_photos, random_clip_l_text, random_clip_vision_l, tiny_clip_dir,
+                                          tiny_vit_dir)
 from PIL import Image
 
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -139,12 +140,39 @@ def test_masks_change_identity_scores_but_not_clip_t(em, model_dirs):
 
 def test_host_clip_vision_loader_on_a_full_size_random_vit_l(em, host):
     from storykit.runner.cli import cache_dir
-    path = random_clip_vision_l(cache_dir() / "eval-test-models")
-    encoder = em.load_encoder("clip", str(path))
+    root = cache_dir() / "eval-test-models"
+    path = random_clip_vision_l(root)
+    encoder = em.load_encoder("clip", str(path), str(random_clip_l_text(root, projection=False)))
     assert "comfy.clip_vision" in encoder.source and encoder.encode_text is None
     _check_pair_matrix(encoder, _frames(4, size=64))
     result = em.score_story(em.Models(clip=encoder), _frames(4, size=64), ["a", "b", "c", "d"])
-    assert "clip_i" in result["metrics"] and "no text side" in " ".join(result["notes"])
+    assert "clip_i" in result["metrics"] and "no CLIP text encoder with a 768-wide" in " ".join(result["notes"])
+
+
+def test_host_clip_vision_with_the_host_text_encoder_for_clip_t(em, host):
+    from storykit.kernels import consistency as cons
+    from storykit.runner.cli import cache_dir
+    root = cache_dir() / "eval-test-models"
+    vision, text = random_clip_vision_l(root), random_clip_l_text(root)
+    (host.base / "models" / "text_encoders").mkdir(parents=True, exist_ok=True)
+    placed = host.base / "models" / "text_encoders" / text.name
+    if not placed.exists():
+        placed.symlink_to(text)
+    encoder = em.load_encoder("clip", str(vision))  # the text side found in models/text_encoders
+    assert "comfy.sd.load_clip" in encoder.source and text.name in encoder.source
+    frames = _frames(5, size=64)
+    prompts = ["a red fox in the snow", "a lighthouse at dusk", "two cats on a sofa", "a bowl of ramen"]
+    texts = encoder.encode_text(prompts)
+    assert texts.shape == (4, 768) and not torch.allclose(texts[0], texts[1])
+    models = em.Models(clip=encoder)
+    scores = torch.tensor(em.score_story(models, frames, prompts)["clip_t_per_frame"])
+    cos = torch.nn.functional.cosine_similarity(encoder.features(frames)[:, None], texts[None], dim=-1)
+    assert torch.allclose(scores, cons.CLIPSCORE_WEIGHT * cos.diagonal().clamp(min=0), atol=1e-5)
+    perm = [1, 3, 0, 2]
+    swapped = em.score_story(models, frames[perm], [prompts[i] for i in perm])["clip_t_per_frame"]
+    assert torch.allclose(torch.tensor(swapped), scores[perm], atol=1e-5)
+    with pytest.raises(em.ModelMissing, match="lacks the projection"):
+        em.find_text_encoder(768, str(random_clip_l_text(root, projection=False)))
 
 
 def test_a_missing_model_names_where_it_looked_and_the_rest_still_runs(em, tmp_path, photos):
@@ -277,14 +305,14 @@ def _letterbox(image: torch.Tensor, size: int) -> torch.Tensor:
 def test_story_consistency_node_scores_and_draws_the_pair_matrix(node_class, model_dirs, photos):
     node = node_class("StoryKitConsistencyScore")
     frames = torch.stack([_letterbox(photos[n], 400) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")])
-    out = node.execute(frames, "auto", "auto", "none", "auto", prompts="a\nb\nc").result
+    out = node.execute(frames, "auto", "auto", "auto", "none", "auto", prompts="a\nb\nc").result
     scores = json.loads(out[0])
     assert scores["faces_found"] == [True, True, True]
     assert scores["metrics"]["face_same"]["mean"] == pytest.approx(1 / 3)
     assert "dreamsim" in scores["missing"] and "CLIP-T:" in out[1]
     assert out[2].shape[0] == 1 and out[2].shape[-1] == 3 and out[2].shape[2] > out[2].shape[1]
     with pytest.raises(ValueError, match="3 frames"):
-        node.execute(frames, "auto", "auto", "none", "auto", prompts="a\nb")
+        node.execute(frames, "auto", "auto", "auto", "none", "auto", prompts="a\nb")
 
 
 # --------------------------------------------------------------------------------------------- ConsiStory+
