@@ -434,7 +434,8 @@ def score_story(models: Models, images: torch.Tensor, prompts: list[str] | None 
                                                for d in descriptors]))
             matrix = cons.euclidean_matrix(feats)
             values = cons.pair_values(matrix, found)
-            result["matrices"]["face"] = matrix.tolist()
+            result["matrices"]["face"] = [[float(matrix[i, j]) if found[i] and found[j] else None for j in range(n)]
+                                          for i in range(n)]  # None: a frame without a face
             result["metrics"]["face_distance"] = cons.summary(values)
             result["metrics"]["face_same"] = cons.summary([float(v < FACE_THRESHOLD) for v in values])
     return result

@@ -37,8 +37,9 @@ def matrix_preview(images: torch.Tensor, matrices: dict, cell: int = 96) -> torc
     for key, label, higher in PANELS:
         if key not in matrices:
             continue
-        m = np.asarray(matrices[key], dtype=np.float64)
-        off = m[~np.eye(n, dtype=bool)]
+        m = np.asarray([[np.nan if v is None else v for v in r] for r in matrices[key]], dtype=np.float64)
+        off = m[~np.eye(n, dtype=bool) & ~np.isnan(m)]
+        off = off if off.size else np.zeros(1)
         lo, hi = (0.0, 1.2) if key == "face" else (float(off.min()), float(off.max()))
         page = Image.new("RGB", ((n + 1) * cell, (n + 1) * cell + cell // 3), "white")
         draw = ImageDraw.Draw(page)
@@ -48,9 +49,11 @@ def matrix_preview(images: torch.Tensor, matrices: dict, cell: int = 96) -> torc
             page.paste(thumbs[i], (0, (i + 1) * cell + cell // 3))
             for j in range(n):
                 x, y = (j + 1) * cell, (i + 1) * cell + cell // 3
-                fill = (235, 235, 235) if i == j else _colour(m[i, j], lo, hi, higher)
+                blank = i == j or np.isnan(m[i, j])
+                fill = (235, 235, 235) if blank else _colour(m[i, j], lo, hi, higher)
                 draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fill, outline="white")
-                draw.text((x + cell / 2, y + cell / 2), f"{m[i, j]:.3f}", fill="black", font=font, anchor="mm")
+                text = "-" if np.isnan(m[i, j]) else f"{m[i, j]:.3f}"
+                draw.text((x + cell / 2, y + cell / 2), text, fill="black", font=font, anchor="mm")
         panels.append(page)
     if not panels:
         page = Image.new("RGB", (4 * cell, cell), "white")

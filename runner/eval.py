@@ -48,6 +48,11 @@ class EvalError(ValueError):
     pass
 
 
+def _natural(path: Path) -> list:
+    """frame_2 before frame_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def register(sub) -> None:
     """Add the `eval` subcommand to the runner's parser."""
     p = sub.add_parser("eval", help="score the consistency of generated stories (CLIP-T, CLIP-I, DreamSim, DINO, face)",
@@ -102,6 +107,8 @@ def _png_prompts(info: dict, count: int) -> list[str] | None:
 
 
 def _read_frame(path: Path, mask_dir: Path | None, root: Path) -> tuple[torch.Tensor, torch.Tensor | None, str, dict]:
+    if not path.is_file():
+        raise EvalError(f"{path}: no such file (the manifest or folder names it)")
     try:
         with Image.open(path) as img:
             img.load()
@@ -135,11 +142,11 @@ def collect(source: Path) -> list[dict]:
     manifest = source / "manifest.jsonl"
     if manifest.is_file():
         return _from_manifest(manifest)
-    frames = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    frames = sorted((p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural)
     subfolders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith((".", "storykit-eval")))
     stories = []
     for folder in subfolders:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural)
         if files:
             stories.append({"id": folder.name, "files": files, "prompts": None, "status": "done", "error": None})
     if frames:
@@ -209,13 +216,20 @@ def score(stories: list[dict], models, mask_dir: Path | None, root: Path) -> lis
             results.append(row)
             continue
         try:
+            if not story["files"]:
+                raise EvalError("the story has no frames")
             frames = [_read_frame(Path(f), mask_dir, root) for f in story["files"]]
             images = [f[0] for f in frames]
             masks = [f[1] for f in frames]
             how = {f[2] for f in frames}
             if len(how) > 1:
                 masks, how = None, {"none (only some frames have one)"}
-            prompts = story["prompts"] or _png_prompts(frames[0][3], len(images))
+            prompts = story["prompts"]
+            if prompts is None:
+                try:
+                    prompts = _png_prompts(frames[0][3], len(images))
+                except ValueError as exc:
+                    row["notes"].append(f"the prompts in the PNG metadata do not parse ({exc}): CLIP-T left empty")
             if prompts is not None and len(prompts) != len(images):
                 row["notes"].append(f"the PNG metadata names {len(prompts)} frame prompts for {len(images)} "
                                     "frames: CLIP-T left empty")
@@ -276,6 +290,24 @@ def table(rows: list[dict], label: str) -> tuple[dict, str]:
     return summary, text
 
 
+def _matrix_html(row: dict) -> str:
+    """The story's first identity pair matrix as a small table, the least alike pair marked."""
+    matrices = row.get("matrices") or {}
+    name = next((k for k in ("clip_i", "dino", "dreamsim", "face") if k in matrices), None)
+    if name is None:
+        return ""
+    m = matrices[name]
+    n = len(m)
+    off = [(m[i][j], i, j) for i in range(n) for j in range(n) if i < j and m[i][j] is not None]
+    worst = (min if name in ("clip_i", "dino") else max)(off)[1:] if off else None
+    head = "".join(f"<th>{j + 1}</th>" for j in range(n))
+    body = "".join(f"<tr><th>{i + 1}</th>" + "".join(
+        f"<td{' class=bad' if worst and (i, j) in (worst, worst[::-1]) else ''}>"
+        + ("-" if m[i][j] is None else f"{m[i][j]:.3f}") + "</td>" for j in range(n))
+        + "</tr>" for i in range(n))
+    return f"<details><summary>{name} per pair</summary><table><tr><th></th>{head}</tr>{body}</table></details>"
+
+
 def _html(report: dict, rows: list[dict], table_text: str) -> str:
     esc = html.escape
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>StoryKit consistency report</title><style>",
@@ -307,7 +339,7 @@ def _html(report: dict, rows: list[dict], table_text: str) -> str:
             title = esc(row["prompts"][i]) if row.get("prompts") else ""
             out.append(f"<figure><img src='data:image/jpeg;base64,{thumb}' title='{title}'><figcaption>"
                        + " · ".join(caption) + "</figcaption></figure>")
-        out.append("</div>" + "".join(f"<p>{esc(n)}</p>" for n in row["notes"]) + "</section>")
+        out.append("</div>" + _matrix_html(row) + "".join(f"<p>{esc(n)}</p>" for n in row["notes"]) + "</section>")
     out.append("</body></html>")
     return "\n".join(out)
 

@@ -243,13 +243,16 @@ def test_eval_reads_a_batch_manifest_worst_story_first(runner_frames, model_dirs
             for s in ("alike", "mixed")]
     rows.append({"story_id": "broken", "workflow_hash": "abc", "seeds": [2], "settings": {}, "files": [],
                  "seconds": 0.5, "status": "failed", "error": "out of memory"})
+    rows.append({"story_id": "moved", "workflow_hash": "abc", "seeds": [3], "settings": {}, "files": ["gone.png"],
+                 "seconds": 0.5, "status": "done", "error": None})
     (batch / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     rc, out, err = _eval([str(batch / "manifest.jsonl"), "--dreamsim", "none", "--face", "none"], capsys)
     assert rc == 0, err
     report = json.loads((batch / "storykit-eval" / "eval_00001" / "report.json").read_text())
-    assert [s["id"] for s in report["stories"]] == ["broken", "mixed", "alike"]
-    assert report["stories"][2]["prompts"] == ["alike 0", "alike 1", "alike 2"]
-    assert report["stories"][2]["metrics"]["clip_i"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert [s["id"] for s in report["stories"]] == ["broken", "moved", "mixed", "alike"]
+    assert "gone.png: no such file" in report["stories"][1]["error"]
+    assert report["stories"][3]["prompts"] == ["alike 0", "alike 1", "alike 2"]
+    assert report["stories"][3]["metrics"]["clip_i"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert "out of memory" in (batch / "storykit-eval" / "eval_00001" / "report.html").read_text()
     assert "dreamsim" in report["missing"] and report["summary"]["clip_i"]["n"] == 2
 
@@ -266,6 +269,9 @@ def test_eval_bad_input_gives_clear_messages(runner_frames, model_dirs, capsys, 
     (stories / "corrupt").mkdir()
     shutil.copy(frames[0], stories / "corrupt" / "a.png")
     (stories / "corrupt" / "b.png").write_bytes(frames[1].read_bytes()[:200])
+    (stories / "order").mkdir()
+    for n in (10, 2, 1):
+        shutil.copy(frames[0], stories / "order" / f"frame_{n}.png")
     (stories / "sizes").mkdir()
     shutil.copy(frames[0], stories / "sizes" / "a.png")
     Image.open(frames[1]).resize((96, 80)).save(stories / "sizes" / "b.png")
@@ -273,6 +279,7 @@ def test_eval_bad_input_gives_clear_messages(runner_frames, model_dirs, capsys, 
     assert rc == 0, err
     report = json.loads((stories / "storykit-eval" / "eval_00001" / "report.json").read_text())
     by_id = {s["id"]: s for s in report["stories"]}
+    assert [Path(f).name for f in by_id["order"]["files"]] == ["frame_1.png", "frame_2.png", "frame_10.png"]
     assert by_id["corrupt"]["status"] == "error" and "cannot read this image" in by_id["corrupt"]["error"]
     assert "one frame" in " ".join(by_id["single"]["notes"]) and "clip_i" not in by_id["single"]["metrics"]
     assert "different sizes" in " ".join(by_id["sizes"]["notes"]) and "clip_i" in by_id["sizes"]["metrics"]
