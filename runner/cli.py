@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--models", default=None, help="models folder (default: the StoryKit cache)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--verbose", action="store_true")
+    from . import eval as evaluation
+    evaluation.register(sub)
     return parser
 
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("storykit").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
+        if getattr(args, "handler", None):
+            return args.handler(args)
         if args.command == "make-test-model":
             return _make_test_model(args)
         if args.command == "convert":
