@@ -101,18 +101,22 @@ def validate(execution, prompt: dict, prompt_id: str):
     if inspect.iscoroutine(result):
         result = asyncio.run(result)
     ok, error, outputs, node_errors = result
-    if ok:
+    # The host still answers ok when some outputs are valid and runs only those: a run that cannot do all it was
+    # asked to is invalid here, so any node error fails the whole prompt.
+    if ok and not node_errors:
         return outputs
+    if ok:
+        error = {"message": "Prompt outputs failed validation"}
     lines = [error.get("message", "invalid prompt") if isinstance(error, dict) else str(error)]
     if isinstance(error, dict) and error.get("details"):
         lines.append(str(error["details"]))
     for node_id, info in (node_errors or {}).items():
         for err in info.get("errors", []):
-            lines.append(f"  node {node_id} ({info.get('class_type')}): {_explain(err)}")
+            lines.append(f"  node {node_id} ({info.get('class_type')}): {_explain(err, node_id)}")
     raise PromptInvalid("\n".join(lines))
 
 
-def _explain(err: dict) -> str:
+def _explain(err: dict, node_id="NODE") -> str:
     details = err.get("details") or ""
     message = err.get("message", "")
     if err.get("type") == "value_not_in_list":
@@ -122,6 +126,9 @@ def _explain(err: dict) -> str:
         if name.endswith("_name") or str(value).endswith((".safetensors", ".ckpt", ".pt", ".bin")):
             return (f"model file {value!r} (input {name}) is not in the models folder: put it there, point "
                     "--models at the folder that holds it, or choose another with --set NODE.INPUT=FILE")
+    if err.get("type") in ("value_smaller_than_min", "value_bigger_than_max", "invalid_input_type"):
+        name = (err.get("extra_info") or {}).get("input_name") or details
+        return f"input {name}: {message}: give a value in range in the workflow or with --set {node_id}.{name}=VALUE"
     return f"{message}: {details}" if details else message
 
 

@@ -154,3 +154,20 @@ def test_quick_settings_shrink_sizes_and_steps():
     cli.quick_settings(prompt)
     assert prompt["1"]["inputs"] == {"width": 256, "height": 128, "batch_size": 1}
     assert prompt["2"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["steps"] == 400
+
+
+CSA = str(PACK_DIR / "workflows" / "storykit_csa_sd15.json")
+
+
+@pytest.mark.parametrize("override,node,name", [("2.sampling_rate=1.5", "2", "sampling_rate"),
+                                                ("5.steps=0", "5", "steps"), ("5.seed=-1", "5", "seed"),
+                                                (f"5.seed={2**64 + 1}", "5", "seed")])
+def test_invalid_input_exits_two_naming_node_and_input(host, tmp_path, capsys, override, node, name):
+    """The host drops an output whose inputs are invalid and still runs the others (here the Captions preview):
+    that is a workflow that cannot run as asked, not a success."""
+    rc = cli.main(["run", CSA, "--tiny-model", "sd15", "--quick", "--output", str(tmp_path), "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "finished" not in err
+    assert f"node {node} (" in err and name in err and "--set" in err
+    assert not list(tmp_path.rglob("*.png"))
