@@ -296,14 +296,14 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
               history: dict[str, list[float]], save: Callable[[int], None], save_every: int, label: str) -> None:
     """Call step_fn for steps start..total-1 with progress and the current loss; checkpoint every save_every steps.
 
-    Cancel (the host's interrupt flag) is checked before each step: the run stops there, first saving a checkpoint
-    of the last finished step if it is newer than the last saved one, then the host's interrupt propagates.
+    Cancel (the host's interrupt flag) is checked before each step, and the host's progress hook raises it right
+    after a step: either way the run stops, first saving a checkpoint of the last finished step (labelled with the
+    number of steps its vectors, optimizer state and loss history hold) if it is newer than the last saved one.
     """
     bar = comfy.utils.ProgressBar(total)
     bar.update_absolute(start, total)
-    last_saved = start
+    last_saved = done = start
     preview_every = max(1, total // 25)
-    step = start
     try:
         for step in range(start, total):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -313,7 +313,7 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
                     raise ValueError(f"{label}: the loss became {value} at step {step + 1}; lower the learning "
                                      "rate (or turn bf16 off) and resume from the last checkpoint")
                 history.setdefault(key, []).append(value)
-            done = step + 1
+            done = step + 1  # from here on the state holds `done` steps, whatever raises next
             preview = ("JPEG", loss_curve(history, 256, 128), 256) if done % preview_every == 0 else None
             bar.update_absolute(done, total, preview)
             if done % max(1, preview_every) == 0 or done == total:
@@ -322,7 +322,7 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
                 save(done)
                 last_saved = done
     except comfy.model_management.InterruptProcessingException:
-        if step > last_saved:
-            log.info("%s: cancelled before step %d; saving the state after step %d", label, step + 1, step)
-            save(step)
+        if done > last_saved:
+            log.info("%s: cancelled after step %d; saving that state", label, done)
+            save(done)
         raise

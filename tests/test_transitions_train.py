@@ -76,18 +76,10 @@ def test_save_load_is_bit_identical_and_resume_continues(node_class, predictor_d
     assert traj.method == "linear + predictor" and traj.transitions[0].shape == (9, 1, 1024)
 
 
-def test_cancel_keeps_the_last_checkpoint(node_class, predictor_dir, monkeypatch):
+def test_cancel_keeps_the_last_checkpoint(node_class, predictor_dir, cancel_at_progress):
     import comfy.model_management as mm
-    import comfy.utils
     from storykit.kernels import semantic_motion as smp
-    original = comfy.utils.ProgressBar.update_absolute
-
-    def press_cancel_after_step_12(self, value, total=None, preview=None):
-        original(self, value, total, preview)
-        if value == 12:
-            mm.interrupt_current_processing(True)  # what the Cancel button does
-
-    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", press_cancel_after_step_12)
+    cancel_at_progress(12)  # the host's hook raises in the progress update after step 12
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
         train(node_class, steps=30, checkpoint_every=5)
     names = sorted(os.listdir(predictor_dir))
