@@ -414,7 +414,10 @@ class LoadMotionPredictor(io.ComfyNode):
         path = folder_paths.get_full_path(PREDICTOR_FOLDER, predictor_name)
         if path is None:
             raise ValueError(f"StoryKitLoadMotionPredictor: {predictor_name} is not in models/{PREDICTOR_FOLDER}")
-        net, meta = smp.load_predictor(path)
+        try:
+            net, meta = smp.load_predictor(path)
+        except ValueError as exc:
+            raise ValueError(f"StoryKitLoadMotionPredictor: predictor_name {predictor_name}: {exc}") from None
         return io.NodeOutput(MotionPredictor(net, int(meta.get("step", 0)), list(meta.get("losses", [])),
                                              os.path.splitext(os.path.basename(predictor_name))[0]))
 
