@@ -37,9 +37,11 @@ EMBEDDING_OF_LAYOUT = {"wan21": "penultimate_hidden_states", "svd": "image_embed
 
 def _register_folder() -> None:
     """The predictors' model folder: models/storykit_predictors (and models/storykit, which the runner knows)."""
-    if PREDICTOR_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[PREDICTOR_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, PREDICTOR_FOLDER)], {".safetensors"})
+    # The runner may have added its --models folder already (with no extension filter): keep it, add the default.
+    paths, exts = folder_paths.folder_names_and_paths.get(PREDICTOR_FOLDER, ([], set()))
+    default = os.path.join(folder_paths.models_dir, PREDICTOR_FOLDER)
+    folder_paths.folder_names_and_paths[PREDICTOR_FOLDER] = (
+        paths + ([default] if default not in paths else []), set(exts) | {".safetensors"})
     for path in folder_paths.folder_names_and_paths.get("storykit", ([], set()))[0]:
         folder_paths.add_model_folder_path(PREDICTOR_FOLDER, os.path.join(path, "predictors"))
 
@@ -560,8 +562,11 @@ def read_clip_folder(folder: str, node: str) -> list[torch.Tensor]:
     """
     from PIL import Image
 
-    if not os.path.isdir(folder):
-        raise ValueError(f"{node}: folder {folder!r} does not exist: give a folder of videos or of frame folders")
+    base = os.path.abspath(folder_paths.get_input_directory())
+    asked, folder = folder, os.path.abspath(os.path.join(base, folder.strip()))
+    if os.path.commonpath([base, folder]) != base or not os.path.isdir(folder):
+        raise ValueError(f"{node}: folder {asked!r} is not a folder in ComfyUI's input folder ({base}): put the "
+                         "videos or frame folders there and give the folder's name")
 
     def frames_of(paths):
         frames = []
@@ -628,7 +633,8 @@ class TrainMotionPredictor(io.ComfyNode):
                 io.Int.Input("clip_length", default=0, min=0, max=100000, optional=True,
                              tooltip="Split the clips batch into clips of this many frames (0: one clip)."),
                 io.String.Input("folder", default="", optional=True,
-                                tooltip="A folder of videos or of frame folders, one clip each."),
+                                tooltip="A folder in ComfyUI's input folder (its name, e.g. 'clips') holding videos or "
+                                        "frame folders, one clip each."),
                 Predictor.Input("predictor", optional=True,
                                 tooltip="Resume: continue training this predictor (its step count goes on)."),
             ],

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 
 from ..kernels import training as tk
-from ..kernels.safefiles import atomic_save_safetensors
+from ..kernels.safefiles import atomic_save_safetensors, file_in_folders
 
 log = logging.getLogger("storykit")
 
@@ -215,41 +215,65 @@ def save_train_state(path: Path, optimizers: list[torch.optim.Optimizer], histor
     atomic_save(tensors, state_path(path), {"storykit.step": str(step)})
 
 
-def load_train_state(path: Path, optimizers: list[torch.optim.Optimizer]) -> dict[str, list[float]]:
+def read_checkpoint(path: Path, node: str, what: str = "resume_from") -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, or an error that names the node, the input and the file."""
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{node}: {what} {Path(path).name} cannot be read ({exc}); the file is damaged: resume "
+                         "from an earlier checkpoint or start fresh") from None
+
+
+def load_train_state(path: Path, optimizers: list[torch.optim.Optimizer],
+                     node: str = "StoryKit training") -> dict[str, list[float]]:
     """Restore what save_train_state wrote (if it is there); returns the loss history."""
     sidecar = state_path(path)
     if not sidecar.is_file():
         log.warning("StoryKit training: %s has no %s file; optimizer moments start fresh", path, STATE_SUFFIX)
         return {}
-    data = safetensors.torch.load_file(str(sidecar))
-    for o, opt in enumerate(optimizers):
-        state: dict[int, dict] = {}
-        for key, value in data.items():
-            prefix, _, rest = key.partition(".")
-            if prefix == f"opt{o}":
-                index, _, name = rest.partition(".")
-                state.setdefault(int(index), {})[name] = value
-        if state:
-            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    data = read_checkpoint(sidecar, node, "the training state of resume_from")
+    try:
+        for o, opt in enumerate(optimizers):
+            state: dict[int, dict] = {}
+            for key, value in data.items():
+                prefix, _, rest = key.partition(".")
+                if prefix == f"opt{o}":
+                    index, _, name = rest.partition(".")
+                    state.setdefault(int(index), {})[name] = value
+            if state:
+                opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{node}: the training state {sidecar.name} does not fit this run ({exc}); resume with "
+                         "the settings the checkpoint was trained with, or delete that file to start the optimizer "
+                         "fresh") from None
     return {k[len("history."):]: v.tolist() for k, v in data.items() if k.startswith("history.")}
 
 
-def checkpoint_step(path: Path) -> int:
-    meta = safetensors.safe_open(str(path), "pt").metadata() or {}
-    return int(meta.get("storykit.step", "0"))
+def checkpoint_step(path: Path, node: str = "StoryKit training") -> int:
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return int(meta.get("storykit.step", "0"))
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{node}: resume_from {Path(path).name} has no readable step ({exc}); resume from a "
+                         "checkpoint StoryKit saved") from None
 
 
 def resolve_resume(folder: Path, name: str, node: str) -> Path | None:
-    """A resume_from entry: empty for a fresh run, else a file name under the folder (or its checkpoints) or a path."""
+    """A resume_from entry: empty for a fresh run, else a file name in the folder or its checkpoints folder.
+
+    Paths out of those folders are refused with the same message as a missing or unreadable file, so the input
+    tells nothing about the rest of the machine.
+    """
     name = name.strip()
     if not name:
         return None
-    for candidate in (Path(name), folder / name, folder / CHECKPOINT_DIR / name):
-        for path in (candidate, candidate.with_name(candidate.name + ".safetensors")):
-            if path.is_file():
-                return path
-    raise ValueError(f"{node}: resume_from {name!r} is not a file in {folder} or {folder / CHECKPOINT_DIR}; "
-                     "give the checkpoint's file name (or leave it empty to start fresh)")
+    path = file_in_folders(name, [folder, folder / CHECKPOINT_DIR], ("", ".safetensors"))
+    if path is None:
+        raise ValueError(f"{node}: resume_from {name!r} is not a readable checkpoint in {folder} or "
+                         f"{folder / CHECKPOINT_DIR}; give the file name of a checkpoint there (or leave it empty "
+                         "to start fresh)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- the loop

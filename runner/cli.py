@@ -178,6 +178,9 @@ def _run(args, workflow: str) -> int:
 
 def _use_checkpoint(h, prompt: dict, ckpt: str) -> None:
     path = Path(ckpt).expanduser()
+    if path.is_file() and path.suffix.lower() not in h.folder_paths.supported_pt_extensions:
+        raise conv.WorkflowError(f"--ckpt {ckpt}: not a model file (a checkpoint ends in "
+                                 + ", ".join(sorted(h.folder_paths.supported_pt_extensions)) + ")")
     if path.is_file():
         h.folder_paths.add_model_folder_path("checkpoints", str(path.resolve().parent))
         ckpt = path.name

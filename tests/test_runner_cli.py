@@ -171,3 +171,28 @@ def test_invalid_input_exits_two_naming_node_and_input(host, tmp_path, capsys, o
     assert "finished" not in err
     assert f"node {node} (" in err and name in err and "--set" in err
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_ckpt_that_is_not_a_model_file_says_so(host, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    before = list(host.folder_paths.get_folder_paths("checkpoints"))
+    assert cli.main(["run", BASIC, "--ckpt", str(notes), "--quiet"]) == 2
+    assert "not a model file" in capsys.readouterr().err
+    assert host.folder_paths.get_folder_paths("checkpoints") == before
+
+
+def test_models_dir_covers_every_folder_the_pack_registers(host, tmp_path):
+    from storykit.runner import host as host_mod
+    pack = {name for name in host.folder_paths.folder_names_and_paths if name.startswith("storykit")}
+    assert "storykit_predictors" in pack
+    host_mod.add_models_dir(host.folder_paths, tmp_path)
+    try:
+        for name in pack:
+            assert host.folder_paths.get_folder_paths(name)[0] == str(tmp_path / name), name
+        assert host.folder_paths.folder_names_and_paths["storykit_predictors"][1] >= {".safetensors"}
+    finally:
+        for name in pack:
+            paths = host.folder_paths.folder_names_and_paths[name][0]
+            if str(tmp_path / name) in paths:
+                paths.remove(str(tmp_path / name))

@@ -356,3 +356,23 @@ def test_rare_identifiers_are_single_short_tokens(host, node_class, tiny_sdxl):
         for key in ("l", "g"):
             toks = [t for t, _ in clip.tokenize(word)[key][0]]
             assert len([t for t in toks if t not in (49406, 49407, 0)]) == 1, word
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../../../../../etc/hostname", "no_such_checkpoint",
+                                  "storykit_checkpoints/../../loras"])
+def test_resume_from_stays_in_the_model_folders_with_one_message(host, tr, name):
+    """A file outside the folder and a missing one get the same answer (the input reveals nothing of the machine)."""
+    folder = host.base / "models" / "embeddings"
+    with pytest.raises(ValueError, match=r"Train TI: resume_from .* is not a readable checkpoint in .*give the file "
+                                         r"name of a checkpoint there"):
+        tr.resolve_resume(folder, name, "Train TI")
+
+
+def test_damaged_resume_checkpoint_names_node_input_and_file(host, tr):
+    folder = host.base / "models" / "embeddings" / "storykit_checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken_s000002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    path = tr.resolve_resume(folder.parent, "broken_s000002", "Train TI")
+    for read in (lambda: tr.read_checkpoint(path, "Train TI"), lambda: tr.checkpoint_step(path, "Train TI")):
+        with pytest.raises(ValueError, match=r"Train TI: resume_from broken_s000002\.safetensors "):
+            read()

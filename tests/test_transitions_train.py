@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,18 +90,38 @@ def test_cancel_keeps_the_last_checkpoint(node_class, predictor_dir, cancel_at_p
     assert not [n for n in names if ".tmp" in n]
 
 
-def test_trainer_errors_name_the_fix(node_class, predictor_dir, tmp_path):
+@pytest.fixture()
+def input_folder(host, tmp_path):
+    """A fresh folder inside the host's input folder, by name, as a user gives it."""
+    import shutil
+    folder = Path(host.folder_paths.get_input_directory()) / f"clips_{tmp_path.name}"
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_trainer_errors_name_the_fix(node_class, predictor_dir, input_folder, tmp_path):
     with pytest.raises(ValueError, match="no training clips"):
         train(node_class, clips=None)
     with pytest.raises(ValueError, match="no clips in"):
-        train(node_class, clips=None, folder=str(tmp_path))
+        train(node_class, clips=None, folder=input_folder.name)
 
 
-def test_trainer_reads_a_folder_of_videos_and_frame_folders(node_class, predictor_dir, tmp_path):
+@pytest.mark.parametrize("where", ["outside", "dotdot", "missing"])
+def test_trainer_reads_clips_only_from_the_input_folder(node_class, predictor_dir, input_folder, tmp_path, where):
+    """One message whether the folder is elsewhere on the machine or not there at all."""
+    (tmp_path / "a").mkdir()
+    folder = {"outside": str(tmp_path), "dotdot": f"{input_folder.name}/../../{tmp_path.name}",
+              "missing": "no_such_clips"}[where]
+    with pytest.raises(ValueError, match=r"is not a folder in ComfyUI's input folder .*put the videos"):
+        train(node_class, clips=None, folder=folder)
+
+
+def test_trainer_reads_a_folder_of_videos_and_frame_folders(node_class, predictor_dir, input_folder):
     import av
     import numpy as np
     from PIL import Image
-    data = tmp_path / "clips"
+    data = input_folder
     (data / "shot_a").mkdir(parents=True)
     for i, frame in enumerate(eased_clips(1, frames=9, seed=3)):
         Image.fromarray((frame.numpy() * 255).astype(np.uint8)).save(data / "shot_a" / f"{i:04d}.png")
