@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     # The host logs what this runner reports again in plainer words; its log is there with --verbose.
-    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # warnings still reach the runner's own checks (execute._IgnoredFiles), not the terminal
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.CRITICAL)
     logging.getLogger("storykit").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         if args.command == "make-test-model":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import re
 import sys
 import time
 import uuid
@@ -93,6 +95,40 @@ def _progress_hook(server: _TerminalServer):
     return hook
 
 
+# What the host only logs and then ignores: a workflow whose embedding or LoRA did not load is not a success.
+IGNORED_FILE = re.compile(r"error loading embedding, skipping loading: (?P<emb>.+)$|embedding:(?P<missing>\S+) does not "
+                          r"exist, ignoring|(?P<shape>shape mismatch when trying to apply embedding)|"
+                          r"lora key not loaded: (?P<lora>.+)$", re.S)
+
+
+class _IgnoredFiles(logging.Handler):
+    """Collects the host's warnings about model files it skipped, with the node that was running."""
+
+    def __init__(self, server):
+        super().__init__(logging.WARNING)
+        self.server = server
+        self.problems: list[str] = []
+
+    def emit(self, record):
+        match = IGNORED_FILE.search(record.getMessage())
+        if not match or len(self.problems) >= 20:
+            return
+        node = self.server.last_node_id
+        entry = self.server.prompt.get(str(node), {})
+        where = f"node {node} ({entry.get('class_type', '?')})"
+        if match["emb"] or match["missing"]:
+            name = (match["emb"] or match["missing"]).strip()
+            if any(f"embedding {name!r}" in p for p in self.problems):
+                return  # the host reports a damaged file as missing too
+            what = (f"embedding {name!r} could not be read (damaged file)" if match["emb"] else
+                    f"embedding {name!r} is not in the embeddings folder")
+        elif match["shape"]:
+            what = "an embedding was made for another text encoder and was ignored"
+        else:
+            what = f"the LoRA does not fit this model (key {match['lora'].strip()} not loaded)"
+        self.problems.append(f"{where}: {what}")
+
+
 def validate(execution, prompt: dict, prompt_id: str):
     """The host's validate_prompt, with its errors turned into one readable message."""
     sig = inspect.signature(execution.validate_prompt)
@@ -146,9 +182,12 @@ def run_prompt(host, prompt: dict, quiet: bool = False, stream=None) -> RunResul
     previous_hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
     start = time.perf_counter()
+    ignored = _IgnoredFiles(server)
+    logging.getLogger().addHandler(ignored)
     try:
         executor.execute(prompt, prompt_id, extra_data={"client_id": "storykit-runner"}, execute_outputs=outputs)
     finally:
+        logging.getLogger().removeHandler(ignored)
         comfy.utils.set_progress_bar_global_hook(previous_hook)
         server.finish()
     seconds = time.perf_counter() - start
@@ -156,6 +195,9 @@ def run_prompt(host, prompt: dict, quiet: bool = False, stream=None) -> RunResul
         err = server.error or {}
         raise PromptFailed(f"node {err.get('node_id')} ({err.get('node_type')}) failed: "
                            f"{err.get('exception_type', '')}: {err.get('exception_message', 'unknown error')}")
+    if ignored.problems:
+        raise PromptFailed("the host skipped files this workflow uses:\n  " + "\n  ".join(ignored.problems)
+                           + "\n  replace the file or remove it from the prompt")
     ran = {str(n) for n in server.executed}
     not_run = [o for o in outputs if str(o) not in ran]
     if not_run:

@@ -196,3 +196,19 @@ def test_models_dir_covers_every_folder_the_pack_registers(host, tmp_path):
             paths = host.folder_paths.folder_names_and_paths[name][0]
             if str(tmp_path / name) in paths:
                 paths.remove(str(tmp_path / name))
+
+
+def test_a_damaged_embedding_or_lora_fails_the_run(host, tmp_path, capsys):
+    """The host only logs these (shown with --verbose) and goes on with the file ignored: the runner says so and
+    exits 1, naming the node and the file."""
+    emb = host.base / "models" / "embeddings" / "damaged_emb.safetensors"
+    emb.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!" + b"\x00" * 64)
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet", *FAST,
+                   "--set", "2.text=a photo of embedding:damaged_emb"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "node 2 (CLIPTextEncode)" in err and "damaged_emb" in err
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet", *FAST,
+                   "--set", "2.text=a photo of embedding:no_such_embedding"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no_such_embedding" in err
