@@ -731,7 +731,9 @@ def train(record: MotionPredictor, times, targets, steps, lr, batch_size, seed, 
     except comfy.model_management.InterruptProcessingException:
         if record.losses:
             path = save_record(record, folder, name, record.step)
-            log.info("StoryKit: training cancelled at step %d; checkpoint %s", record.step, path)
+            log.warning("StoryKit: training cancelled at step %d; checkpoint %s", record.step, path,
+                        extra={"storykit_saved": path, "storykit_resume": "load it with Load Semantic Motion "
+                               "Predictor into this trainer's predictor input"})
         raise
     finally:
         net.eval().requires_grad_(False).to(comfy.model_management.unet_offload_device())

@@ -327,6 +327,7 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
     bar = comfy.utils.ProgressBar(total)
     bar.update_absolute(start, total)
     last_saved = done = start
+    last_path = None
     preview_every = max(1, total // 25)
     try:
         for step in range(start, total):
@@ -343,10 +344,12 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
             if done % max(1, preview_every) == 0 or done == total:
                 log.info("%s: step %d/%d loss %.5f", label, done, total, losses.get("loss", float("nan")))
             if save_every and done % save_every == 0 and done < total:
-                save(done)
+                last_path = save(done)
                 last_saved = done
     except comfy.model_management.InterruptProcessingException:
         if done > last_saved:
-            log.info("%s: cancelled after step %d; saving that state", label, done)
-            save(done)
+            last_path = save(done)
+        if last_path is not None:
+            log.warning("%s: cancelled after step %d; saved %s", label, done, last_path,
+                        extra={"storykit_saved": str(last_path), "storykit_resume": "resume_from"})
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import re
 import sys
 import time
@@ -19,6 +20,14 @@ class PromptInvalid(WorkflowError):
 
 class PromptFailed(RuntimeError):
     pass
+
+
+class PromptCancelled(PromptFailed):
+    """The run was interrupted (Cancel, Ctrl-C); `saved` lists what nodes saved on the way out, with how to resume."""
+
+    def __init__(self, message: str, saved: list[str]):
+        super().__init__(message)
+        self.saved = saved
 
 
 @dataclass
@@ -101,21 +110,29 @@ IGNORED_FILE = re.compile(r"error loading embedding, skipping loading: (?P<emb>.
                           r"lora key not loaded: (?P<lora>.+)$", re.S)
 
 
-class _IgnoredFiles(logging.Handler):
-    """Collects the host's warnings about model files it skipped, with the node that was running."""
+class _HostLog(logging.Handler):
+    """Collects, with the node that was running: the host's warnings about model files it skipped, and the states
+    pack nodes saved when cancelled (log records with a `storykit_saved` path and a `storykit_resume` input)."""
 
     def __init__(self, server):
         super().__init__(logging.WARNING)
         self.server = server
         self.problems: list[str] = []
+        self.saved: list[str] = []
 
     def emit(self, record):
-        match = IGNORED_FILE.search(record.getMessage())
-        if not match or len(self.problems) >= 20:
-            return
         node = self.server.last_node_id
         entry = self.server.prompt.get(str(node), {})
         where = f"node {node} ({entry.get('class_type', '?')})"
+        if getattr(record, "storykit_saved", None):
+            name = os.path.basename(record.storykit_saved)
+            resume = getattr(record, "storykit_resume", None)
+            hint = f"--set {node}.{resume}={name}" if resume and "=" not in resume else resume or ""
+            self.saved.append(f"{where} saved {record.storykit_saved}" + (f"; resume with {hint}" if hint else ""))
+            return
+        match = IGNORED_FILE.search(record.getMessage())
+        if not match or len(self.problems) >= 20:
+            return
         if match["emb"] or match["missing"]:
             name = (match["emb"] or match["missing"]).strip()
             if any(f"embedding {name!r}" in p for p in self.problems):
@@ -182,7 +199,7 @@ def run_prompt(host, prompt: dict, quiet: bool = False, stream=None) -> RunResul
     previous_hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
     start = time.perf_counter()
-    ignored = _IgnoredFiles(server)
+    ignored = _HostLog(server)
     logging.getLogger().addHandler(ignored)
     try:
         executor.execute(prompt, prompt_id, extra_data={"client_id": "storykit-runner"}, execute_outputs=outputs)
@@ -191,6 +208,8 @@ def run_prompt(host, prompt: dict, quiet: bool = False, stream=None) -> RunResul
         comfy.utils.set_progress_bar_global_hook(previous_hook)
         server.finish()
     seconds = time.perf_counter() - start
+    if server.error is None and not executor.success:  # the host reports an interrupt with no error event
+        raise PromptCancelled("cancelled" + "".join(f"\n  {line}" for line in ignored.saved), ignored.saved)
     if server.error is not None or not executor.success:
         err = server.error or {}
         raise PromptFailed(f"node {err.get('node_id')} ({err.get('node_type')}) failed: "

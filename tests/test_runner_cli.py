@@ -212,3 +212,47 @@ def test_a_damaged_embedding_or_lora_fails_the_run(host, tmp_path, capsys):
                    "--set", "2.text=a photo of embedding:no_such_embedding"])
     err = capsys.readouterr().err
     assert rc == 1 and "no_such_embedding" in err
+
+
+@pytest.mark.parametrize("signum,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_during_headless_training_saves_the_step_and_says_how_to_resume(host, tmp_path, signum, code):
+    """The first Ctrl-C (or SIGTERM) acts like Cancel: the step ends, is saved, the run exits 130 (143)."""
+    import signal
+    import time
+
+    import storykit
+    models = tmp_path / "models"
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "any.safetensors"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
+        "3": {"class_type": "StoryKitTrainTextualInversion",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0],
+                         "token_name": "sig_hero", "initializer_word": "person", "vectors_per_token": 1,
+                         "steps": 400, "learning_rate": 5e-3, "batch_size": 1, "resolution": 64,
+                         "templates": "object", "custom_templates": "", "seed": 0, "save_every": 1}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(prompt))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(storykit.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "storykit", "run", str(path), "--tiny-model", "sd15",
+                             "--models", str(models), "--output", str(tmp_path / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = models / "embeddings" / "storykit_checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(folder.glob("sig_hero_s*.safetensors")):
+        time.sleep(0.2)  # save_every=1: the first checkpoint says training is under way; now press Ctrl-C
+    proc.send_signal(getattr(signal, signum))
+    lines = []
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not stop within 120 s of the signal:\n" + "".join(lines))
+    err = "".join(lines) + err
+    saved = sorted(folder.glob("sig_hero_s*.safetensors"))
+    assert proc.returncode == code, err[-3000:]
+    assert f"stopped by {signum}" in err and f"saved {saved[-1]}; resume with" in err, err[-3000:]
+    assert f"--set 3.resume_from={saved[-1].name}" in err and len(saved) < 400
+    assert not list(models.glob("embeddings/sig_hero*.safetensors"))  # no final file: the run did not finish
