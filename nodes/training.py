@@ -202,12 +202,13 @@ def state_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_suffix(STATE_SUFFIX)
 
 
-def save_train_state(path: Path, optimizers: list[torch.optim.Optimizer], history: dict[str, list[float]],
-                     step: int) -> None:
-    """Optimizer moments and loss history beside a checkpoint (a suffix no loader lists), for an exact resume."""
+def save_train_state(path: Path, optimizers: list, history: dict[str, list[float]], step: int) -> None:
+    """Optimizer moments and loss history beside a checkpoint (a suffix no loader lists), for an exact resume.
+
+    optimizers: torch optimizers, or their state_dict()s."""
     tensors = {}
     for o, opt in enumerate(optimizers):
-        for index, state in opt.state_dict()["state"].items():
+        for index, state in (opt if isinstance(opt, dict) else opt.state_dict())["state"].items():
             for key, value in state.items():
                 tensors[f"opt{o}.{index}.{key}"] = torch.as_tensor(value)
     for name, values in history.items():
@@ -234,12 +235,7 @@ def load_train_state(path: Path, optimizers: list[torch.optim.Optimizer],
     data = read_checkpoint(sidecar, node, "the training state of resume_from")
     try:
         for o, opt in enumerate(optimizers):
-            state: dict[int, dict] = {}
-            for key, value in data.items():
-                prefix, _, rest = key.partition(".")
-                if prefix == f"opt{o}":
-                    index, _, name = rest.partition(".")
-                    state.setdefault(int(index), {})[name] = value
+            state = optimizer_state(data, o)
             if state:
                 opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -247,6 +243,17 @@ def load_train_state(path: Path, optimizers: list[torch.optim.Optimizer],
                          "the settings the checkpoint was trained with, or delete that file to start the optimizer "
                          "fresh") from None
     return {k[len("history."):]: v.tolist() for k, v in data.items() if k.startswith("history.")}
+
+
+def optimizer_state(data: dict[str, torch.Tensor], o: int = 0) -> dict[int, dict]:
+    """Optimizer o's per-parameter state from a training-state file's tensors."""
+    state: dict[int, dict] = {}
+    for key, value in data.items():
+        prefix, _, rest = key.partition(".")
+        if prefix == f"opt{o}":
+            index, _, name = rest.partition(".")
+            state.setdefault(int(index), {})[name] = value
+    return state
 
 
 def checkpoint_step(path: Path, node: str = "StoryKit training") -> int:

@@ -50,7 +50,9 @@ def test_trainer_lowers_the_loss_and_checkpoints(node_class, predictor_dir):
     assert len(losses) == 40 and record.step == 40
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     assert curve.shape == (1, 256, 512, 3)
-    assert sorted(os.listdir(predictor_dir)) == [f"t_{s:05d}.safetensors" for s in (10, 20, 30, 40)]
+    assert sorted(p.name for p in predictor_dir.glob("*.safetensors")) == \
+        [f"t_{s:05d}.safetensors" for s in (10, 20, 30, 40)]
+    assert sorted(p.stem for p in predictor_dir.glob("*.trainstate")) == [f"t_{s:05d}" for s in (10, 20, 30, 40)]
     assert not record.model.training
 
 
@@ -83,7 +85,7 @@ def test_cancel_keeps_the_last_checkpoint(node_class, predictor_dir, cancel_at_p
     cancel_at_progress(12)  # the host's hook raises in the progress update after step 12
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
         train(node_class, steps=30, checkpoint_every=5)
-    names = sorted(os.listdir(predictor_dir))
+    names = sorted(p.name for p in predictor_dir.glob("*.safetensors"))
     assert names == ["t_00005.safetensors", "t_00010.safetensors", "t_00012.safetensors"]
     net, meta = smp.load_predictor(str(predictor_dir / names[-1]))
     assert meta["step"] == 12 and len(meta["losses"]) == 12
@@ -165,3 +167,24 @@ def test_a_wan_predictor_drives_the_wan_patch(node_class, predictor_dir):
         assert torch.isfinite(sample(model, pos, neg, latent, steps=1)).all()
     with pytest.raises(ValueError, match="transition 1 does not exist"):
         node_class("StoryKitWanSemanticMotion").execute(model=tm.wan(False), trajectory=traj, transition=1)
+
+
+def test_resume_after_cancel_ends_where_the_uninterrupted_run_ends(node_class, predictor_dir, cancel_at_progress):
+    """Cancel after step 12 of 30 (the host's hook), load that checkpoint, train the other 18: the same weights and
+    losses as 30 steps straight (same draws per step, the optimizer's moments saved beside the checkpoint)."""
+    import comfy.model_management as mm
+    import comfy.utils
+    with torch.inference_mode():
+        straight, _ = train(node_class, steps=30, checkpoint_every=0, name="straight")
+    cancel_at_progress(12)
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        train(node_class, steps=30, checkpoint_every=0, name="cut")
+    comfy.utils.set_progress_bar_global_hook(None)
+    mm.interrupt_current_processing(False)
+    assert (predictor_dir / "cut_00012.trainstate").is_file()
+    (loaded,) = node_class("StoryKitLoadMotionPredictor").execute(predictor_name="cut_00012.safetensors").result
+    with torch.inference_mode():
+        resumed, _ = train(node_class, steps=18, checkpoint_every=0, name="resumed", predictor=loaded)
+    assert resumed.step == 30 and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    for (k, v), (_, w) in zip(resumed.model.state_dict().items(), straight.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
