@@ -191,9 +191,9 @@ def test_models_dir_covers_every_folder_the_pack_registers(host, tmp_path):
         for name in pack:
             assert host.folder_paths.get_folder_paths(name)[0] == str(tmp_path / name), name
         assert host.folder_paths.folder_names_and_paths["storykit_predictors"][1] >= {".safetensors"}
-    finally:
-        for name in pack:
-            paths = host.folder_paths.folder_names_and_paths[name][0]
+    finally:  # give later tests the session's folders back
+        for name in set(host_mod.MODEL_FOLDERS) | pack:
+            paths = host.folder_paths.folder_names_and_paths.get(host.folder_paths.map_legacy(name), ([],))[0]
             if str(tmp_path / name) in paths:
                 paths.remove(str(tmp_path / name))
 
