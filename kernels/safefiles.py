@@ -47,3 +47,17 @@ def numbered_path(folder: str | os.PathLike, prefix: str, step: int | None = Non
     while os.path.exists(os.path.join(folder, f"{prefix}_{n:05d}{ext}")):
         n += 1
     return os.path.join(folder, f"{prefix}_{n:05d}{ext}")
+
+
+def file_in_folders(name: str, folders, suffixes=("",)) -> Path | None:
+    """`name` (a file name, or a path relative to a folder) as a readable file inside one of `folders`; None when it
+    is not there, not readable, or would leave the folder (an absolute path, '..'). Links inside a folder are kept:
+    the check is on the path as written, as the host's own model lists do."""
+    for folder in folders:
+        base = os.path.abspath(folder)
+        for suffix in suffixes:
+            path = os.path.abspath(os.path.join(base, name + suffix))
+            if os.path.commonpath([base, path]) == base and path != base and os.path.isfile(path) \
+                    and os.access(path, os.R_OK):
+                return Path(path)
+    return None

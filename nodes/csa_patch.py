@@ -50,7 +50,8 @@ def parse_rates(text: str, default: float) -> list[float]:
                          "write e.g. '0.5, 0.5, 0.7' (finest resolution first) or leave it empty") from None
     bad = [r for r in rates if not 0.0 <= r <= 1.0]
     if bad:
-        raise ValueError(f"{NODE}: rate_per_level has {bad[0]}; rates are fractions of tokens between 0.0 and 1.0")
+        name = "rate_per_level" if parts else "sampling_rate"
+        raise ValueError(f"{NODE}: {name} has {bad[0]}; rates are fractions of tokens between 0.0 and 1.0")
     return rates
 
 

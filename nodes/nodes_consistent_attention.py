@@ -100,7 +100,7 @@ class StoryPrompt(io.ComfyNode):
                                 tooltip="Character lines first: '[Name] what they look like'. Then one frame per "
                                         "line; [Name] in a frame is replaced by that description, several names "
                                         "make a frame with several characters, [NC] a frame with no character. "
-                                        "Text after '#' is the frame's caption."),
+                                        "Text after '#' is the frame's caption; write \\# for a literal '#'."),
                 io.Combo.Input("style", options=list(STYLES), default="(none)",
                                tooltip="A style template wrapped around every frame prompt (and its negative "
                                        "words added to the negative prompt)."),

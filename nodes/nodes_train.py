@@ -197,14 +197,14 @@ def train_textual_inversion(model, clip, vae, images, *, token: str, initializer
             start = 0
             resume = tr.resolve_resume(folder, resume_from, node)
             if resume is not None:
-                saved = safetensors.torch.load_file(str(resume))
+                saved = tr.read_checkpoint(resume, node)
                 for k, key in keys.items():
                     if key not in saved or saved[key].shape != params[k].shape:
                         raise ValueError(f"{node}: resume_from {resume.name} has no {key} rows of shape "
                                          f"{tuple(params[k].shape)}; use a checkpoint of this token and model")
                     params[k].data.copy_(saved[key])
-                history = tr.load_train_state(resume, [optimizer])
-                start = tr.checkpoint_step(resume)
+                history = tr.load_train_state(resume, [optimizer], node)
+                start = tr.checkpoint_step(resume, node)
             ms = model.model.model_sampling
 
             def save(step: int, path: Path | None = None) -> Path:
@@ -288,7 +288,8 @@ class StoryKitTrainTextualInversion(io.ComfyNode):
                              tooltip="Write a checkpoint every N steps to embeddings/storykit_checkpoints (0: only "
                                      "at the end). Cancel also keeps the last finished step."),
                 io.String.Input("resume_from", default="", optional=True,
-                                tooltip="A checkpoint file name to continue from (empty: start fresh)."),
+                                tooltip="A checkpoint's file name in embeddings/ or embeddings/storykit_checkpoints to "
+                                        "continue from (empty: start fresh); paths out of those folders are refused."),
             ],
             outputs=[
                 io.Clip.Output(display_name="clip", tooltip="The same CLIP; wire your prompts to it so they are "
@@ -455,8 +456,8 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
             resume = tr.resolve_resume(folder, resume_from, node)
             if resume is not None:
                 _load_loras(node, resume, {**loras, **te_loras})
-                history = tr.load_train_state(resume, [optimizer])
-                start = tr.checkpoint_step(resume)
+                history = tr.load_train_state(resume, [optimizer], node)
+                start = tr.checkpoint_step(resume, node)
             ms = model.model.model_sampling
 
             def state_dict() -> dict[str, torch.Tensor]:
@@ -539,7 +540,7 @@ def _set_param(root: torch.nn.Module, name: str, value: torch.nn.Parameter) -> N
 
 
 def _load_loras(node: str, path: Path, loras: dict[str, LoRA]) -> None:
-    saved = safetensors.torch.load_file(str(path))
+    saved = tr.read_checkpoint(path, node)
     for key, lora in loras.items():
         up, down = saved.get(f"{key}.lora_up.weight"), saved.get(f"{key}.lora_down.weight")
         if up is None or down is None or up.shape != lora.up.shape or down.shape != lora.down.shape:
@@ -613,7 +614,8 @@ class StoryKitTrainDreamBooth(io.ComfyNode):
                              tooltip="Checkpoint every N steps into <folder>/storykit_checkpoints (0: only at the "
                                      "end). Cancel also keeps the last finished step."),
                 io.String.Input("resume_from", default="", optional=True,
-                                tooltip="LoRA checkpoint to continue from (empty: start fresh)."),
+                                tooltip="A LoRA checkpoint's file name in loras/ or loras/storykit_checkpoints to continue "
+                                        "from (empty: start fresh); paths out of those folders are refused."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model for the rest of this graph."),

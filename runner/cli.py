@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     # The host logs what this runner reports again in plainer words; its log is there with --verbose.
-    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # warnings still reach the runner's own checks (execute._IgnoredFiles), not the terminal
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.CRITICAL)
     logging.getLogger("storykit").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         if getattr(args, "handler", None):
@@ -175,23 +179,63 @@ def _run(args, workflow: str) -> int:
     if args.save_api:
         Path(args.save_api).write_text(json.dumps(prompt, indent=2) + "\n", encoding="utf-8")
     rng = random.Random()
+    stop = _StopOnSignal()
     for index in range(max(1, args.repeat)):
         if index:
             conv.apply_controls(prompt, converted.controls, rng)
         try:
-            result = execute.run_prompt(h, prompt, quiet=args.quiet)
+            with stop:
+                result = execute.run_prompt(h, prompt, quiet=args.quiet)
         except execute.PromptFailed as exc:
-            sys.stderr.write(f"storykit: {exc}\n")
-            return 1
+            if stop.signum is None:
+                sys.stderr.write(f"storykit: {exc}\n")
+                return 1
+            saved = getattr(exc, "saved", [])
+            sys.stderr.write(f"storykit: stopped by {signal.Signals(stop.signum).name}"
+                             + "".join(f"\n  {line}" for line in saved)
+                             + ("" if saved else "; nothing was left to save") + "\n")
+            return 128 + stop.signum
         for line in _saved_files(h, result.outputs):
             sys.stdout.write(line + "\n")
+        if stop.signum is not None:  # the signal came after the last step: this run is whole, the next is not run
+            sys.stderr.write(f"storykit: stopped by {signal.Signals(stop.signum).name} after run {index + 1}\n")
+            return 128 + stop.signum
         if not args.quiet:
             sys.stderr.write(f"storykit: run {index + 1} finished in {result.seconds:.1f} s\n")
     return 0
 
 
+class _StopOnSignal:
+    """While open, the first Ctrl-C or SIGTERM does what the Cancel button does: the running node stops at the end
+    of its step (trainers save it first). A second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        import comfy.model_management
+        self.signum = signum
+        comfy.model_management.interrupt_current_processing(True)
+        sys.stderr.write("\nstorykit: stopping at the end of this step (Ctrl-C again quits now, without saving)\n")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 def _use_checkpoint(h, prompt: dict, ckpt: str) -> None:
     path = Path(ckpt).expanduser()
+    if path.is_file() and path.suffix.lower() not in h.folder_paths.supported_pt_extensions:
+        raise conv.WorkflowError(f"--ckpt {ckpt}: not a model file (a checkpoint ends in "
+                                 + ", ".join(sorted(h.folder_paths.supported_pt_extensions)) + ")")
     if path.is_file():
         h.folder_paths.add_model_folder_path("checkpoints", str(path.resolve().parent))
         ckpt = path.name

@@ -4,6 +4,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import logging
+import os
+import re
 import sys
 import time
 import uuid
@@ -19,6 +22,14 @@ class PromptInvalid(WorkflowError):
 
 class PromptFailed(RuntimeError):
     pass
+
+
+class PromptCancelled(PromptFailed):
+    """The run was interrupted (Cancel, Ctrl-C); `saved` lists what nodes saved on the way out, with how to resume."""
+
+    def __init__(self, message: str, saved: list[str]):
+        super().__init__(message)
+        self.saved = saved
 
 
 @dataclass
@@ -184,6 +195,48 @@ def make_executor(execution, server, main_py: str | Path | None = None):
     return execution.PromptExecutor(server, **kwargs)
 
 
+# What the host only logs and then ignores: a workflow whose embedding or LoRA did not load is not a success.
+IGNORED_FILE = re.compile(r"error loading embedding, skipping loading: (?P<emb>.+)$|embedding:(?P<missing>\S+) does not "
+                          r"exist, ignoring|(?P<shape>shape mismatch when trying to apply embedding)|"
+                          r"lora key not loaded: (?P<lora>.+)$", re.S)
+
+
+class _HostLog(logging.Handler):
+    """Collects, with the node that was running: the host's warnings about model files it skipped, and the states
+    pack nodes saved when cancelled (log records with a `storykit_saved` path and a `storykit_resume` input)."""
+
+    def __init__(self, server):
+        super().__init__(logging.WARNING)
+        self.server = server
+        self.problems: list[str] = []
+        self.saved: list[str] = []
+
+    def emit(self, record):
+        node = self.server.last_node_id
+        entry = self.server.prompt.get(str(node), {})
+        where = f"node {node} ({entry.get('class_type', '?')})"
+        if getattr(record, "storykit_saved", None):
+            name = os.path.basename(record.storykit_saved)
+            resume = getattr(record, "storykit_resume", None)
+            hint = f"--set {node}.{resume}={name}" if resume and "=" not in resume else resume or ""
+            self.saved.append(f"{where} saved {record.storykit_saved}" + (f"; resume with {hint}" if hint else ""))
+            return
+        match = IGNORED_FILE.search(record.getMessage())
+        if not match or len(self.problems) >= 20:
+            return
+        if match["emb"] or match["missing"]:
+            name = (match["emb"] or match["missing"]).strip()
+            if any(f"embedding {name!r}" in p for p in self.problems):
+                return  # the host reports a damaged file as missing too
+            what = (f"embedding {name!r} could not be read (damaged file)" if match["emb"] else
+                    f"embedding {name!r} is not in the embeddings folder")
+        elif match["shape"]:
+            what = "an embedding was made for another text encoder and was ignored"
+        else:
+            what = f"the LoRA does not fit this model (key {match['lora'].strip()} not loaded)"
+        self.problems.append(f"{where}: {what}")
+
+
 def validate(execution, prompt: dict, prompt_id: str):
     """The host's validate_prompt, with its errors turned into one readable message."""
     sig = inspect.signature(execution.validate_prompt)
@@ -192,18 +245,22 @@ def validate(execution, prompt: dict, prompt_id: str):
     if inspect.iscoroutine(result):
         result = asyncio.run(result)
     ok, error, outputs, node_errors = result
-    if ok:
+    # The host still answers ok when some outputs are valid and runs only those: a run that cannot do all it was
+    # asked to is invalid here, so any node error fails the whole prompt.
+    if ok and not node_errors:
         return outputs
+    if ok:
+        error = {"message": "Prompt outputs failed validation"}
     lines = [error.get("message", "invalid prompt") if isinstance(error, dict) else str(error)]
     if isinstance(error, dict) and error.get("details"):
         lines.append(str(error["details"]))
     for node_id, info in (node_errors or {}).items():
         for err in info.get("errors", []):
-            lines.append(f"  node {node_id} ({info.get('class_type')}): {_explain(err)}")
+            lines.append(f"  node {node_id} ({info.get('class_type')}): {_explain(err, node_id)}")
     raise PromptInvalid("\n".join(lines))
 
 
-def _explain(err: dict) -> str:
+def _explain(err: dict, node_id="NODE") -> str:
     details = err.get("details") or ""
     message = err.get("message", "")
     if err.get("type") == "value_not_in_list":
@@ -213,6 +270,9 @@ def _explain(err: dict) -> str:
         if name.endswith("_name") or str(value).endswith((".safetensors", ".ckpt", ".pt", ".bin")):
             return (f"model file {value!r} (input {name}) is not in the models folder: put it there, point "
                     "--models at the folder that holds it, or choose another with --set NODE.INPUT=FILE")
+    if err.get("type") in ("value_smaller_than_min", "value_bigger_than_max", "invalid_input_type"):
+        name = (err.get("extra_info") or {}).get("input_name") or details
+        return f"input {name}: {message}: give a value in range in the workflow or with --set {node_id}.{name}=VALUE"
     return f"{message}: {details}" if details else message
 
 
@@ -228,16 +288,24 @@ def run_prompt(host, prompt: dict, quiet: bool = False, stream=None) -> RunResul
     previous_hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
     start = time.perf_counter()
+    ignored = _HostLog(server)
+    logging.getLogger().addHandler(ignored)
     try:
         executor.execute(prompt, prompt_id, extra_data={"client_id": "storykit-runner"}, execute_outputs=outputs)
     finally:
+        logging.getLogger().removeHandler(ignored)
         comfy.utils.set_progress_bar_global_hook(previous_hook)
         server.finish()
     seconds = time.perf_counter() - start
+    if server.error is None and not executor.success:  # the host reports an interrupt with no error event
+        raise PromptCancelled("cancelled" + "".join(f"\n  {line}" for line in ignored.saved), ignored.saved)
     if server.error is not None or not executor.success:
         err = server.error or {}
         raise PromptFailed(f"node {err.get('node_id')} ({err.get('node_type')}) failed: "
                            f"{err.get('exception_type', '')}: {err.get('exception_message', 'unknown error')}")
+    if ignored.problems:
+        raise PromptFailed("the host skipped files this workflow uses:\n  " + "\n  ".join(ignored.problems)
+                           + "\n  replace the file or remove it from the prompt")
     ran = {str(n) for n in server.executed}
     not_run = [o for o in outputs if str(o) not in ran]
     if not_run:

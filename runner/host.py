@@ -20,6 +20,7 @@ MODEL_FOLDERS = (
     "checkpoints", "configs", "loras", "vae", "text_encoders", "clip", "diffusion_models", "unet", "clip_vision",
     "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen", "upscale_models",
     "hypernetworks", "photomaker", "classifiers", "model_patches", "audio_encoders", "storykit",
+    "storykit_predictors",  # the pack's own folder (nodes/nodes_transitions.py), so --models DIR covers it too
 )
 
 

@@ -154,3 +154,105 @@ def test_quick_settings_shrink_sizes_and_steps():
     cli.quick_settings(prompt)
     assert prompt["1"]["inputs"] == {"width": 256, "height": 128, "batch_size": 1}
     assert prompt["2"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["steps"] == 400
+
+
+CSA = str(PACK_DIR / "workflows" / "storykit_csa_sd15.json")
+
+
+@pytest.mark.parametrize("override,node,name", [("2.sampling_rate=1.5", "2", "sampling_rate"),
+                                                ("5.steps=0", "5", "steps"), ("5.seed=-1", "5", "seed"),
+                                                (f"5.seed={2**64 + 1}", "5", "seed")])
+def test_invalid_input_exits_two_naming_node_and_input(host, tmp_path, capsys, override, node, name):
+    """The host drops an output whose inputs are invalid and still runs the others (here the Captions preview):
+    that is a workflow that cannot run as asked, not a success."""
+    rc = cli.main(["run", CSA, "--tiny-model", "sd15", "--quick", "--output", str(tmp_path), "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "finished" not in err
+    assert f"node {node} (" in err and name in err and "--set" in err
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_ckpt_that_is_not_a_model_file_says_so(host, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    before = list(host.folder_paths.get_folder_paths("checkpoints"))
+    assert cli.main(["run", BASIC, "--ckpt", str(notes), "--quiet"]) == 2
+    assert "not a model file" in capsys.readouterr().err
+    assert host.folder_paths.get_folder_paths("checkpoints") == before
+
+
+def test_models_dir_covers_every_folder_the_pack_registers(host, tmp_path):
+    from storykit.runner import host as host_mod
+    pack = {name for name in host.folder_paths.folder_names_and_paths if name.startswith("storykit")}
+    assert "storykit_predictors" in pack
+    host_mod.add_models_dir(host.folder_paths, tmp_path)
+    try:
+        for name in pack:
+            assert host.folder_paths.get_folder_paths(name)[0] == str(tmp_path / name), name
+        assert host.folder_paths.folder_names_and_paths["storykit_predictors"][1] >= {".safetensors"}
+    finally:  # give later tests the session's folders back
+        for name in set(host_mod.MODEL_FOLDERS) | pack:
+            paths = host.folder_paths.folder_names_and_paths.get(host.folder_paths.map_legacy(name), ([],))[0]
+            if str(tmp_path / name) in paths:
+                paths.remove(str(tmp_path / name))
+
+
+def test_a_damaged_embedding_or_lora_fails_the_run(host, tmp_path, capsys):
+    """The host only logs these (shown with --verbose) and goes on with the file ignored: the runner says so and
+    exits 1, naming the node and the file."""
+    emb = host.base / "models" / "embeddings" / "damaged_emb.safetensors"
+    emb.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!" + b"\x00" * 64)
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet", *FAST,
+                   "--set", "2.text=a photo of embedding:damaged_emb"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "node 2 (CLIPTextEncode)" in err and "damaged_emb" in err
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), "--quiet", *FAST,
+                   "--set", "2.text=a photo of embedding:no_such_embedding"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no_such_embedding" in err
+
+
+@pytest.mark.parametrize("signum,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_during_headless_training_saves_the_step_and_says_how_to_resume(host, tmp_path, signum, code):
+    """The first Ctrl-C (or SIGTERM) acts like Cancel: the step ends, is saved, the run exits 130 (143)."""
+    import signal
+    import time
+
+    import storykit
+    models = tmp_path / "models"
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "any.safetensors"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
+        "3": {"class_type": "StoryKitTrainTextualInversion",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0],
+                         "token_name": "sig_hero", "initializer_word": "person", "vectors_per_token": 1,
+                         "steps": 400, "learning_rate": 5e-3, "batch_size": 1, "resolution": 64,
+                         "templates": "object", "custom_templates": "", "seed": 0, "save_every": 1}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(prompt))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(storykit.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "storykit", "run", str(path), "--tiny-model", "sd15",
+                             "--models", str(models), "--output", str(tmp_path / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = models / "embeddings" / "storykit_checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(folder.glob("sig_hero_s*.safetensors")):
+        time.sleep(0.2)  # save_every=1: the first checkpoint says training is under way; now press Ctrl-C
+    proc.send_signal(getattr(signal, signum))
+    lines = []
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not stop within 120 s of the signal:\n" + "".join(lines))
+    err = "".join(lines) + err
+    saved = sorted(folder.glob("sig_hero_s*.safetensors"))
+    assert proc.returncode == code, err[-3000:]
+    assert f"stopped by {signum}" in err and f"saved {saved[-1]}; resume with" in err, err[-3000:]
+    assert f"--set 3.resume_from={saved[-1].name}" in err and len(saved) < 400
+    assert not list(models.glob("embeddings/sig_hero*.safetensors"))  # no final file: the run did not finish

@@ -156,3 +156,11 @@ def test_example_workflow_runs_headless(run_workflow, name, kind):
     result = run_workflow(REPO / "workflows" / f"{name}.json", tiny_model=kind,
                           overrides=["5.steps=2", "4.width=64", "4.height=64", "5.batch_size=3"])
     assert result is not None
+
+
+@pytest.mark.parametrize("rate,per_level,name", [(float("nan"), "", "sampling_rate"), (0.5, "0.5, nan", "rate_per_level")])
+def test_nan_rate_is_reported_as_the_input_that_holds_it(node_class, tiny_sd15, rate, per_level, name):
+    """The host's range check lets NaN through (every comparison with NaN is false): the node names the input."""
+    model, _, _ = tiny_sd15
+    with pytest.raises(ValueError, match=rf"{name} has nan.*between 0.0 and 1.0"):
+        _csa(node_class, model.clone(), rate=rate, rate_per_level=per_level)
