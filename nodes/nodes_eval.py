@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from .v3 import io
 from PIL import Image, ImageDraw, ImageFont
 
 from . import eval_models as em

@@ -74,7 +74,7 @@ class _Log(_io.StringIO):
 @pytest.fixture(scope="module")
 def runner(host):
     from storykit.runner import cli, execute
-    cli.register_tiny_loader(host.nodes)
+    cli.register_tiny_loaders(host.nodes)
     return execute
 
 
