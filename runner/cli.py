@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tiny-model", choices=["sd15", "sdxl"],
                        help="replace every Load Checkpoint node by a small random-weight model (seconds on a CPU)")
         p.add_argument("--quick", action="store_true",
-                       help="smoke-run settings: latents at most 256 px, samplers at most 4 steps")
+                       help="smoke-run settings: latents and training pictures at most 256 px, every sampler, "
+                            "scheduler and trainer at most 4 steps, DreamBooth at most 2 class pictures")
         p.add_argument("--repeat", type=int, default=1,
                        help="queue the workflow N times, applying seed controls (increment/randomize) in between")
         p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
@@ -90,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 def _boot(args):
     from . import host
     models = getattr(args, "models", None)
-    return host.boot(models_dir=models, output_dir=getattr(args, "output", None),
-                     input_dir=getattr(args, "input", None))
+    h = host.boot(models_dir=models, output_dir=getattr(args, "output", None), input_dir=getattr(args, "input", None))
+    import comfy.utils
+    comfy.utils.set_progress_bar_enabled(False)  # the host's tqdm bars: the runner draws its own progress line
+    return h
 
 
 def _make_test_model(args) -> int:
@@ -129,16 +132,46 @@ def _demo(args) -> int:
     return _run(args, str(WORKFLOWS / f"{args.workflow}.json"))
 
 
-def quick_settings(prompt: dict, size: int = 256, steps: int = 4) -> None:
-    """Shrink a prompt for a smoke run: latent sizes to at most `size` px, sampler steps to at most `steps`."""
+# Nodes that make latents (or videos) of a given size, and nodes whose `steps` are not sampling steps.
+LATENT_SIZE_NODES = {"StoryKitStoryToVideo", "StoryKitSVDTransitionConditioning", "SVD_img2vid_Conditioning"}
+NOT_SAMPLING_STEPS = {"SaveLoRA"}
+TRAINERS = {"StoryKitTrainTextualInversion", "StoryKitTrainDreamBooth", "StoryKitTrainMotionPredictor",
+            "TrainLoraNode"}
+
+
+def quick_settings(prompt: dict, size: int = 256, steps: int = 4, class_images: int = 2) -> None:
+    """Shrink a prompt for a smoke run: latents and training pictures to at most `size` px, every sampling and
+    training step count to at most `steps` (KSamplerAdvanced start/end and SplitSigmas scaled with their steps),
+    DreamBooth's class pictures to at most `class_images`."""
+    scaled = {}  # node id -> (old steps, new steps), for the SplitSigmas fed by that scheduler
+
+    def cap(inputs, key, limit):
+        if isinstance(inputs.get(key), int) and not isinstance(inputs[key], bool) and inputs[key] > limit:
+            inputs[key] = limit
+
+    for node_id, entry in prompt.items():
+        inputs, kind = entry["inputs"], entry["class_type"]
+        if (kind.startswith("Empty") and "Latent" in kind) or kind in LATENT_SIZE_NODES:
+            cap(inputs, "width", size)
+            cap(inputs, "height", size)
+        if kind in TRAINERS:
+            cap(inputs, "resolution", size)
+            cap(inputs, "num_class_images", class_images)
+            cap(inputs, "class_sample_steps", steps)
+        old = inputs.get("steps")
+        if kind in NOT_SAMPLING_STEPS or not isinstance(old, int) or isinstance(old, bool) or old <= steps:
+            continue
+        inputs["steps"] = steps
+        scaled[node_id] = (old, steps)
+        for key in ("start_at_step", "end_at_step"):  # KSamplerAdvanced: same mapping, so chained stages still meet
+            if isinstance(inputs.get(key), int) and inputs[key] < old:
+                inputs[key] = round(inputs[key] * steps / old)
     for entry in prompt.values():
-        inputs = entry["inputs"]
-        if entry["class_type"].startswith("Empty") and "Latent" in entry["class_type"]:
-            for key in ("width", "height"):
-                if isinstance(inputs.get(key), int) and inputs[key] > size:
-                    inputs[key] = size
-        if isinstance(inputs.get("steps"), int) and inputs["steps"] > steps and "ampler" in entry["class_type"]:
-            inputs["steps"] = steps
+        link = entry["inputs"].get("sigmas")
+        if entry["class_type"] == "SplitSigmas" and isinstance(link, list) and str(link[0]) in scaled:
+            old, new = scaled[str(link[0])]
+            if isinstance(entry["inputs"].get("step"), int):
+                entry["inputs"]["step"] = round(entry["inputs"]["step"] * new / old)
 
 
 def _run(args, workflow: str) -> int:

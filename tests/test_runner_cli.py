@@ -150,7 +150,35 @@ def test_demo_runs_the_story_workflow(host, tmp_path, capsys):
 def test_quick_settings_shrink_sizes_and_steps():
     prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 128, "batch_size": 1}},
               "2": {"class_type": "KSampler", "inputs": {"steps": 30, "seed": 1}},
-              "3": {"class_type": "StoryKitTrainDreamBooth", "inputs": {"steps": 400}}}
+              "3": {"class_type": "StoryKitTrainDreamBooth",
+                    "inputs": {"steps": 400, "resolution": 512, "num_class_images": 100, "class_sample_steps": 25}},
+              "4": {"class_type": "BasicScheduler", "inputs": {"steps": 20, "scheduler": "normal", "denoise": 1.0}},
+              "5": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["4", 0], "step": 15}},
+              "6": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 40, "start_at_step": 0, "end_at_step": 30}},
+              "7": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 40, "start_at_step": 30, "end_at_step": 10000}},
+              "8": {"class_type": "StoryKitTrainTextualInversion", "inputs": {"steps": 1500, "resolution": 512}},
+              "9": {"class_type": "StoryKitStorySampler", "inputs": {"steps": ["10", 0]}},
+              "10": {"class_type": "SaveLoRA", "inputs": {"steps": 400}}}
     cli.quick_settings(prompt)
     assert prompt["1"]["inputs"] == {"width": 256, "height": 128, "batch_size": 1}
-    assert prompt["2"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["steps"] == 400
+    assert prompt["2"]["inputs"]["steps"] == 4 and prompt["4"]["inputs"]["steps"] == 4
+    assert prompt["3"]["inputs"] == {"steps": 4, "resolution": 256, "num_class_images": 2, "class_sample_steps": 4}
+    assert prompt["8"]["inputs"] == {"steps": 4, "resolution": 256}
+    assert prompt["5"]["inputs"]["step"] == 3  # 15 of 20 -> 3 of 4: the split stays three quarters in
+    # A base/refiner pair keeps meeting at the same step, and the refiner still runs to the end.
+    assert [prompt[n]["inputs"]["start_at_step"] for n in "67"] == [0, 3]
+    assert [prompt[n]["inputs"]["end_at_step"] for n in "67"] == [3, 10000]
+    assert prompt["9"]["inputs"]["steps"] == ["10", 0] and prompt["10"]["inputs"]["steps"] == 400
+
+
+@pytest.mark.parametrize("name", ["storykit_1p1s_sdxl", "storykit_train_ti", "storykit_train_dreambooth",
+                                  "storykit_transitions_wan", "storykit_csa_sdxl"])
+def test_quick_caps_every_step_count_of_the_shipped_workflows(host, tmp_path, name):
+    """`run --quick --save-api`: no steps input of the prompt that ran is above 4 (the run itself stops at validation:
+    the models are not there)."""
+    api = tmp_path / "api.json"
+    cli.main(["run", str(PACK_DIR / "workflows" / f"{name}.json"), "--quick", "--quiet", "--save-api", str(api)])
+    prompt = json.loads(api.read_text())
+    counts = {(nid, k): v for nid, e in prompt.items() for k, v in e["inputs"].items()
+              if k in ("steps", "class_sample_steps") and isinstance(v, int)}
+    assert counts and max(counts.values()) <= 4, counts
