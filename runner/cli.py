@@ -26,11 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m storykit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
+    def common(p, batch=False):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                        help="override an input; NODE is a node id or title, VALUE is JSON or text (repeatable)")
         p.add_argument("--models", help="a models folder laid out like ComfyUI/models (checkpoints/, loras/, ...)")
-        p.add_argument("--output", default=None, help="where Save nodes write (default: the host's output folder)")
+        p.add_argument("--output", default="storykit-batch" if batch else None,
+                       help="the batch's folder (default ./storykit-batch)" if batch else
+                       "where Save nodes write (default: the host's output folder)")
         p.add_argument("--input", default=None, help="where Load Image nodes read (default: the host's input folder)")
         p.add_argument("--ckpt", help="use this checkpoint file name (or path) in every Load Checkpoint node")
         p.add_argument("--tiny-model", choices=["sd15", "sdxl"],
@@ -38,9 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true",
                        help="smoke-run settings: latents and training pictures at most 256 px, every sampler, "
                             "scheduler and trainer at most 4 steps, DreamBooth at most 2 class pictures")
-        p.add_argument("--repeat", type=int, default=1,
-                       help="queue the workflow N times, applying seed controls (increment/randomize) in between")
-        p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
+        if not batch:
+            p.add_argument("--repeat", type=int, default=1,
+                           help="queue the workflow N times, applying seed controls (increment/randomize) in between")
+            p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--verbose", action="store_true", help="show the host's log")
 
@@ -53,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
                       choices=sorted(p.stem for p in WORKFLOWS.glob("*.json")),
                       help=f"which shipped workflow (default {DEMO_WORKFLOW}: a story with Consistent Self-Attention)")
     common(demo)
+
+    batch = sub.add_parser("batch", help="run many stories through one workflow, here or on Ray; resumable",
+                           description="Each story fills the workflow's Story Prompt or One-Prompt-One-Story "
+                                       "encoder (text, seed, its own --set values) and lands in OUTPUT/<story id>/, "
+                                       "with a line in OUTPUT/manifest.jsonl.")
+    batch.add_argument("stories", help="a YAML/JSON list of {id, story, seed?, set?} (or identity_prompt and "
+                                       "frame_prompts), or a folder of .txt stories")
+    batch.add_argument("--workflow", required=True, help="the workflow to run per story (.json or .png)")
+    common(batch, batch=True)
+    batch.add_argument("--resume", action="store_true", help="run only the stories OUTPUT's manifest lacks as done")
+    batch.add_argument("--retries", type=int, default=2, help="reruns of a story whose run fails (default 2)")
+    batch.add_argument("--ray", action="store_true", help="run on a Ray cluster started here (one actor per GPU)")
+    batch.add_argument("--address", help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:10001")
+    batch.add_argument("--actors", type=int, help="Ray actors (default: one per GPU of the cluster, else 1)")
 
     convert = sub.add_parser("convert", help="turn a front-end workflow into the API format")
     convert.add_argument("workflow")
@@ -79,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "batch":
+            return _batch(args)
         return _run(args, args.workflow)
     except (conv.WorkflowError, HostNotFound) as exc:
         sys.stderr.write(f"storykit: {exc}\n")
@@ -174,12 +193,8 @@ def quick_settings(prompt: dict, size: int = 256, steps: int = 4, class_images: 
                 entry["inputs"]["step"] = round(entry["inputs"]["step"] * new / old)
 
 
-def _run(args, workflow: str) -> int:
-    from . import execute
-    h = _boot(args)
-    specs = conv.host_input_specs(h.nodes.NODE_CLASS_MAPPINGS)
-    converted = conv.to_api(conv.load_workflow_file(workflow), specs)
-    prompt = converted.prompt
+def prepare_prompt(h, args, prompt: dict) -> dict:
+    """--ckpt, --quick, --tiny-model and --set applied to an API prompt, in place (shared by run and batch)."""
     if args.ckpt:
         _use_checkpoint(h, prompt, args.ckpt)
     if getattr(args, "quick", False):
@@ -191,6 +206,15 @@ def _run(args, workflow: str) -> int:
                 entry["class_type"] = TINY_LOADER
                 entry["inputs"] = {"kind": args.tiny_model, "seed": 0}
     conv.apply_overrides(prompt, args.overrides)
+    return prompt
+
+
+def _run(args, workflow: str) -> int:
+    from . import execute
+    h = _boot(args)
+    specs = conv.host_input_specs(h.nodes.NODE_CLASS_MAPPINGS)
+    converted = conv.to_api(conv.load_workflow_file(workflow), specs)
+    prompt = prepare_prompt(h, args, converted.prompt)
     if args.save_api:
         Path(args.save_api).write_text(json.dumps(prompt, indent=2) + "\n", encoding="utf-8")
     rng = random.Random()
@@ -207,6 +231,22 @@ def _run(args, workflow: str) -> int:
         if not args.quiet:
             sys.stderr.write(f"storykit: run {index + 1} finished in {result.seconds:.1f} s\n")
     return 0
+
+
+def _batch(args) -> int:
+    from . import batch
+    stories = batch.load_stories(args.stories)
+    config = {"workflow": conv.load_workflow_file(args.workflow), "workflow_name": Path(args.workflow).name,
+              "models": args.models and str(Path(args.models).resolve()), "ckpt": args.ckpt,
+              "input": args.input and str(Path(args.input).resolve()), "tiny_model": args.tiny_model,
+              "quick": args.quick, "overrides": args.overrides}
+    records = batch.run_batch(stories, config, Path(args.output), resume=args.resume, retries=args.retries,
+                              use_ray=args.ray, ray_address=args.address, actors=args.actors, quiet=args.quiet)
+    failed = [r for r in records if r["status"] != "done"]
+    for record in failed:
+        sys.stderr.write(f"storykit: story {record['story_id']} failed: {record['error']}\n")
+    sys.stdout.write(f"{Path(args.output) / batch.MANIFEST}\n")
+    return 1 if failed else 0
 
 
 def _use_checkpoint(h, prompt: dict, ckpt: str) -> None:
