@@ -406,8 +406,6 @@ def _connect(address: str | None):
         import ray
     except ImportError as exc:
         raise BatchError(f"--ray/--address need Ray, which is not installed: {RAY_HINT}") from exc
-    if ray.is_initialized():
-        return ray, False
     if address and address != "auto":
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
@@ -417,6 +415,8 @@ def _connect(address: str | None):
             raise BatchError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
                              "`ray start --head` on the head machine, and give its address as HOST:PORT or "
                              "ray://HOST:10001") from exc
+    if ray.is_initialized():  # a cluster this process joined already (a notebook, a test)
+        return ray, False
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
