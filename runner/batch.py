@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,9 @@ class Job:
             raise BatchError(f"{config['workflow_name']}: no node to put the stories in (bypassed or muted?); "
                              f"looked for {TARGET_TYPES}")
         self.workflow_hash = _hash(self.prompt)
+        self.keep = {}  # one executor for every story: models stay loaded between them
+        self.scratch = Path(tempfile.mkdtemp(prefix="storykit-batch-"))
+        weakref.finalize(self, shutil.rmtree, self.scratch, True)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "workflow_hash": self.workflow_hash}
@@ -227,16 +231,22 @@ class Job:
         files, retry = {}, False
         folders = self.host.folder_paths
         previous = folders.get_output_directory()
-        scratch = tempfile.mkdtemp(prefix=f"storykit-{story.id}-")
+        own = self.scratch / story.id
+        shutil.rmtree(own, ignore_errors=True)  # what an earlier try left
         try:
             prompt, frames = self.fill(story)
             record["seeds"] = [inputs[key] for inputs, key in _seed_inputs(prompt)]
-            folders.set_output_directory(scratch)
-            result = execute.run_prompt(self.host, prompt, quiet=True)
+            for entry in prompt.values():  # output nodes unique per story: never served from the executor's cache
+                if isinstance(entry["inputs"].get("filename_prefix"), str):
+                    entry["inputs"]["filename_prefix"] = f"{story.id}/{entry['inputs']['filename_prefix']}"
+            # One output folder for the Job's life: the executor keeps its Save nodes, which keep the folder they
+            # were made with.
+            folders.set_output_directory(str(self.scratch))
+            result = execute.run_prompt(self.host, prompt, quiet=True, keep=self.keep)
             for _, images in sorted(result.outputs.items(), key=lambda kv: conv._id_key(str(kv[0]))):
                 paths = cli._saved_files(self.host, {0: images})
                 for path in paths:
-                    rel = Path(path).relative_to(scratch).as_posix()
+                    rel = Path(path).relative_to(own if own in Path(path).parents else self.scratch).as_posix()
                     files[rel] = Path(path).read_bytes()
                     record["files"].append(f"{story.id}/{rel}")
                     record["prompts"].append(frames[paths.index(path)] if frames and len(paths) == len(frames)
@@ -246,9 +256,11 @@ class Job:
             record["error"], retry = str(exc), True
         except (conv.WorkflowError, ValueError) as exc:  # the story or its settings: the same on every try
             record["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - anything else fails this story, not the batch
+            record["error"], retry = f"{type(exc).__name__}: {exc}", True
         finally:
             folders.set_output_directory(previous)
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(own, ignore_errors=True)
         record["seconds"] = round(time.perf_counter() - start, 3)
         return {"record": record, "files": files, "retry": retry}
 
@@ -436,12 +448,20 @@ def _worker_env() -> dict:
     return env
 
 
+def _cpus_per_actor(ray, count: int) -> int:
+    """CPU actors share out the machines' cores (Ray sets each actor's torch threads to its share), packed so that
+    every actor fits on some machine."""
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [1]
+    per_node = -(-count // len(nodes))
+    return max(1, int(min(nodes)) // per_node)
+
+
 def _run_on_ray(todo, config, manifest, bar, retries, address, actors, event) -> list[dict]:
     ray, started = _connect(address)
     from ray.exceptions import RayActorError
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = actors or max(1, gpus)
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": _cpus_per_actor(ray, count)}
     remote = ray.remote(StoryWorker).options(max_restarts=0, max_task_retries=0,
                                              runtime_env={"env_vars": _worker_env()}, **resources)
     queue = deque((s, 0) for s in todo)

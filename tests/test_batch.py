@@ -114,6 +114,24 @@ def test_local_resume_runs_only_what_is_missing(host, local_batch, stories_file,
     assert pictures(out) == before
 
 
+def test_models_load_once_and_a_repeated_story_still_saves(host, monkeypatch):
+    """One executor for the batch: the loader runs for the first story only, and a second story identical to the
+    first (another id) is not served from the cache without its pictures."""
+    from PIL import Image
+    job = batch.Job(config())
+    loader = host.nodes.NODE_CLASS_MAPPINGS[cli.TINY_LOADER]
+    calls = []
+    real = loader.execute.__func__
+    monkeypatch.setattr(loader, "execute", classmethod(lambda cls, *a, **k: calls.append(a) or real(cls, *a, **k)))
+    first, again = (job.run(batch.Story(name, STORIES[0]["story"], seed=1)) for name in ("first", "again"))
+    assert first["record"]["status"] == again["record"]["status"] == "done" and len(calls) == 1
+    assert len(first["files"]) == len(again["files"]) == 3
+    import io
+    for name, data in first["files"].items():
+        pixels = [Image.open(io.BytesIO(d)).tobytes() for d in (data, again["files"][name])]
+        assert pixels[0] == pixels[1], name
+
+
 def test_a_folder_holding_a_batch_is_never_overwritten(local_batch, stories_file, capsys):
     text = (local_batch / batch.MANIFEST).read_text()
     rc = cli.main(["batch", str(stories_file), "--workflow", str(WORKFLOW), "--output", str(local_batch)])
