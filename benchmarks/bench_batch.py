@@ -13,6 +13,7 @@ that. Per mode:
 - start-up: seconds from the call to the first story dispatched (host boot; on Ray also ray.init and actor boot);
 - throughput: stories per minute between the first and the last finished story (steady state), and over the whole
   run including start-up;
+- s/story in worker: the median of the seconds the worker spent on a story (Job.run's own clock);
 - overhead per story: the driver's time from dispatching a story to having its files committed, minus the seconds
   the worker spent running it (Job.run's own clock): the cost of the queue, of moving the pictures back and of the
   manifest line. Ray's overhead is that of a Ray mode minus the local one.
@@ -53,7 +54,7 @@ def child(args) -> None:
                                            "5.batch_size=2", "9.page_width=256", "9.font_size=10"]}
     if args.actors:
         import ray
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     started, finished = {}, {}
 
     def on_event(kind, story_id=None, *info):
@@ -73,6 +74,7 @@ def child(args) -> None:
         "steady": (len(ends) - 1) / (ends[-1] - ends[0]) * 60 if len(ends) > 1 else float("nan"),
         "overall": len(ends) / (end - begin) * 60,
         "overhead": statistics.median(finished[s][0] - started[s] - finished[s][1] for s in finished),
+        "story": statistics.median(seconds for _, seconds, _ in finished.values()),
         "failed": sum(status != "done" for _, _, status in finished.values())}) + "\n")
 
 
@@ -103,12 +105,12 @@ def main() -> None:
     best = {name: max(runs, key=lambda r: r["steady"]) for name, runs in results.items()}
     local = best["local"]
     say(f"{args.stories} stories of 2 frames, tiny SD1.5, {args.size} px, {args.steps} steps, {args.cpus} CPUs, "
-        f"best of {args.rounds} round(s)")
+        f"{args.threads} torch thread(s) per process, best of {args.rounds} round(s)")
     say(f"{'mode':<16}{'start-up s':>11}{'stories/min':>13}{'x local':>9}{'incl. start-up':>16}{'x local':>9}"
-        f"{'overhead/story s':>18}")
+        f"{'s/story in worker':>19}{'overhead/story s':>18}")
     for name, r in best.items():
         say(f"{name:<16}{r['startup']:>11.1f}{r['steady']:>13.1f}{r['steady'] / local['steady']:>9.2f}"
-            f"{r['overall']:>16.1f}{r['overall'] / local['overall']:>9.2f}{r['overhead']:>18.3f}")
+            f"{r['overall']:>16.1f}{r['overall'] / local['overall']:>9.2f}{r['story']:>19.2f}{r['overhead']:>18.3f}")
         if r["failed"]:
             say(f"  ({r['failed']} stories failed)")
     for name in ("Ray, 1 actor", "Ray, 2 actors"):

@@ -198,7 +198,7 @@ class Job:
             return self.fill(Story(story.id, text, story.seed, story.set))
         if self.targets[ONE_PROMPT]:
             if story.story is not None:
-                identity, lines = _as_one_prompt(story, plan or story_plan.parse_story(story.story))
+                identity, lines = _as_one_prompt(story, plan or story_plan.parse_story(story.story, "", 1))
             else:
                 identity, lines = story.identity_prompt, story.frame_prompts
             for nid in self.targets[ONE_PROMPT]:
@@ -302,24 +302,26 @@ class Manifest:
     def __init__(self, folder: Path, resume: bool):
         self.folder, self.path = folder, folder / MANIFEST
         self.records: dict[str, dict] = {}
-        if self.path.exists():
-            if not resume:
-                raise BatchError(f"{folder} already holds a batch ({MANIFEST}): add --resume to run what is missing, "
-                                 "or choose another --output")
-            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s line %d is cut short (a crash while writing?): ignored", self.path, number)
-                    continue
-                if record.get("status") == "done":
-                    self.records[record["story_id"]] = record
-            # Failed stories run again: keep one line per story by dropping their old lines (atomically).
-            text = "".join(json.dumps(r) + "\n" for r in self.records.values())
-            atomic_write_bytes(self.path, text.encode(), overwrite=True)
-        elif any(folder.iterdir() if folder.is_dir() else ()):
-            raise BatchError(f"{folder} is not empty and holds no batch ({MANIFEST}): choose an empty or new --output")
-        folder.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            if any(folder.iterdir() if folder.is_dir() else ()):
+                raise BatchError(f"{folder} is not empty and holds no batch ({MANIFEST}): choose an empty or new "
+                                 "--output")
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path.touch()  # the folder holds a batch from now on: stopped before any story, it resumes
+        elif self.path.stat().st_size and not resume:  # (an empty one: stopped before any story finished)
+            raise BatchError(f"{folder} already holds a batch ({MANIFEST}): add --resume to run what is missing, "
+                             "or choose another --output")
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is cut short (a crash while writing?): ignored", self.path, number)
+                continue
+            if record.get("status") == "done":
+                self.records[record["story_id"]] = record
+        # Failed stories run again: keep one line per story by dropping their old lines (atomically).
+        text = "".join(json.dumps(r) + "\n" for r in self.records.values())
+        atomic_write_bytes(self.path, text.encode(), overwrite=True)
 
     def done(self) -> set[str]:
         return set(self.records)
@@ -433,7 +435,7 @@ def _connect(address: str | None):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)  # --ray: a new one, here
     except ConnectionError as exc:
         raise BatchError(f"--address {address}: {exc} (start a cluster with `ray start --head`)") from exc
     return ray, True

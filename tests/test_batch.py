@@ -180,7 +180,7 @@ def test_unreachable_ray_address_fails_within_seconds(stories_file, tmp_path, ca
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

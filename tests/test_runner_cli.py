@@ -34,6 +34,13 @@ def test_run_saves_images_and_exits_zero(host, tmp_path, capsys):
     assert api["5"]["inputs"]["steps"] == 2 and api["1"]["class_type"] == cli.TINY_LOADER
 
 
+def test_only_the_runners_progress_bar_shows(host, tmp_path, capsys):
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 0 and "[5] KSampler |" in err and "2/2" in err
+    assert "it/s" not in err and "s/it" not in err, err  # the host's tqdm bar of the same sampler
+
+
 def test_repeat_applies_seed_controls(host, tmp_path, capsys):
     wf = json.loads(Path(BASIC).read_text())
     next(n for n in wf["nodes"] if n["id"] == 5)["widgets_values"][1] = "increment"
