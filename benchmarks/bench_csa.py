@@ -39,6 +39,31 @@ def _host():
     return attention, csa, csa_patch
 
 
+class _unet_csa:
+    """The real UNet attn1 site with a CSA state, called as the host calls it: replace(q, k, v, extra) and the
+    attn1 patch capture(n, context, value, extra); other attributes are the state's."""
+
+    def __init__(self, csa_patch, layers, rate, **kw):
+        from storykit.nodes import attention_sites
+        self.site = attention_sites.UNetSelfAttention(layers)
+        self.site.technique = csa_patch.ConsistentSelfAttention([rate], 1e9, 0.0, **kw)
+
+    def __call__(self, q, k, v, extra):
+        return self.site.replace(q, k, v, extra)
+
+    def capture(self, n, context, value, extra):
+        return self.site.capture(n, context, value, extra)
+
+    def __getattr__(self, name):
+        return getattr(self.site.technique, name)
+
+    def __setattr__(self, name, value):
+        if name == "site":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.site.technique, name, value)
+
+
 def measure_all(fns: dict, repeats: int) -> dict[str, tuple[float, int]]:
     """Median wall time (methods taking turns) and peak bytes per method."""
     times = interleaved_times(fns, repeats)
@@ -62,7 +87,7 @@ def layer_case(name, n_tokens, channels, heads, frames, rate, repeats, attention
     halves = 2
     n = torch.randn(frames * halves, n_tokens, channels, device=device)
     key = ("output", 0, 0)
-    state = csa_patch.ConsistentSelfAttention({key: attn}, [rate], 1e9, 0.0, seed=0, bank_dtype=torch.float16)
+    state = _unet_csa(csa_patch, {key: attn}, rate, seed=0, bank_dtype=torch.float16)
     side = int(n_tokens ** 0.5)
     extra = {"block": ("output", 0), "block_index": 0, "n_heads": heads, "cond_or_uncond": [1, 0],
              "sigmas": torch.full((frames * halves,), 5.0), "original_shape": [frames * halves, 4, latent_side,
@@ -103,7 +128,7 @@ def layer_case(name, n_tokens, channels, heads, frames, rate, repeats, attention
 
     # readers: the same 4 frames read a bank of 3 references (written by the capture hook), bank fp16 on the CPU,
     # projected per call; against a bank kept resident as projected fp32 keys/values (no cast, no projection)
-    bank_state = csa_patch.ConsistentSelfAttention({key: attn}, [rate], 1e9, 0.0, seed=0, bank_dtype=torch.float16)
+    bank_state = _unet_csa(csa_patch, {key: attn}, rate, seed=0, bank_dtype=torch.float16)
     refs = torch.randn(3 * halves, n_tokens, channels, device=device)
     with torch.no_grad(), bank_state.story_run():
         bank_state.plan = [csa_patch.StoryFrame(100 + i, frozenset({"A"}), True) for i in range(3)]
@@ -124,7 +149,7 @@ def layer_case(name, n_tokens, channels, heads, frames, rate, repeats, attention
         results = measure_all({"plain": plain, "ideal": ideal, "ours": ours, "reference": reference,
                                "read_ours": read_ours, "read_resident": read_resident}, repeats)
     # rate 1.0: ours is the same maths as the reference on the same tokens
-    state_full = csa_patch.ConsistentSelfAttention({key: attn}, [1.0], 1e9, 0.0, seed=0)
+    state_full = _unet_csa(csa_patch, {key: attn}, 1.0, seed=0)
     with torch.no_grad():
         ours_full = state_full(attn.to_q(n), attn.to_k(n), attn.to_v(n), extra)
         rows = n[:frames]
@@ -147,7 +172,7 @@ def measured_bank(csa_patch, rate: float, refs: int = 3, steps: int = 2):
     """Fill the real bank for `steps` steps at SDXL 1024 px shapes (written from the capture hook) and count."""
     layers = {("output", i // 10, i % 10): None for i in range(30)}
     layers.update({("output", 3 + i // 2, i % 2): None for i in range(6)})
-    state = csa_patch.ConsistentSelfAttention(layers, [rate], 1e9, 0.0, seed=0, bank_dtype=torch.float16)
+    state = _unet_csa(csa_patch, layers, rate, seed=0, bank_dtype=torch.float16)
     state.plan = [csa_patch.StoryFrame(i, frozenset({"A"}), True) for i in range(refs)]
     for step in range(steps):
         sigma = 10.0 - step
@@ -166,7 +191,7 @@ def story_peak(csa_patch, attention, frames_total: int, refs: int, batch: int, n
     torch.manual_seed(0)
     attn = Attn1(channels, heads).eval()
     key = ("output", 0, 0)
-    state = csa_patch.ConsistentSelfAttention({key: attn}, [0.5], 1e9, 0.0, seed=0, bank_dtype=torch.float16)
+    state = _unet_csa(csa_patch, {key: attn}, 0.5, seed=0, bank_dtype=torch.float16)
     plan_refs = [csa_patch.StoryFrame(i, frozenset({"A"}), True) for i in range(refs)]
     readers = list(range(refs, frames_total))
     with PeakTensorBytes() as counter, torch.no_grad(), state.story_run():

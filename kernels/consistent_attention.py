@@ -69,38 +69,97 @@ def key_value_index(n_tokens: int, own: int, sources: Sequence[tuple[int, torch.
 def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention,
                               sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
                               bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
-                              bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None) -> torch.Tensor:
+                              bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                              budget_bytes: int | None = None) -> torch.Tensor:
     """Eq. (3)-(4): O_i = Attention(Q_i, K[I_i ; S_j, j in sources_i ; bank], V[...]) for every row i of q.
 
-    q, k, v: [R, N, D], projected. sources[i]: rows j != i of this batch whose sampled tokens samples[j] frame i
-    attends to. bank_k/bank_v: [M, D] projected bank tokens; bank_spans[i]: (start, length) slices of them for row i.
-    Rows whose key/value length agrees are gathered and attended in one batched call.
+    q: [R, Nq, D], k, v: [R, L, D], projected. The queries may be a subset of a row's tokens (a DiT's image tokens,
+    whose keys also hold the frame's own text tokens); every row keeps all L of its own keys. sources[i]: rows
+    j != i whose sampled tokens samples[j] (indices into row j's L keys) frame i attends to. bank_k/bank_v: [M, D]
+    projected bank tokens; bank_spans[i]: (start, length) slices of them for row i. Rows whose key/value length
+    agrees are gathered and attended together; with `budget_bytes`, only as many rows per call as their gathered
+    keys and values fit in (at least one), so memory is bounded whatever the number of frames.
     """
-    rows, n_tokens, dim = q.shape
-    pool_k, pool_v = k.reshape(rows * n_tokens, dim), v.reshape(rows * n_tokens, dim)
-    base = rows * n_tokens
+    rows, n_keys, dim = k.shape
+    pool_k, pool_v = k.reshape(rows * n_keys, dim), v.reshape(rows * n_keys, dim)
+    base = rows * n_keys
     if bank_k is not None and bank_k.shape[0]:
         pool_k, pool_v = torch.cat([pool_k, bank_k.to(k.dtype)]), torch.cat([pool_v, bank_v.to(v.dtype)])
     groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for i in range(rows):
         if i in sources[i]:
             raise ValueError(f"consistent self-attention: frame {i} may not sample its own tokens")
-        picked = [(j * n_tokens, samples[j]) for j in sources[i]]
+        picked = [(j * n_keys, samples[j]) for j in sources[i]]
         for start, length in (bank_spans[i] if bank_spans else ()):
             picked.append((base + start, torch.arange(length)))
-        index = key_value_index(n_tokens, i, picked)
+        index = key_value_index(n_keys, i, picked)
         groups.setdefault(index.numel(), []).append((i, index))
-    if len(groups) == 1 and next(iter(groups)) == n_tokens:
+    if len(groups) == 1 and next(iter(groups)) == n_keys:
         return attention(q, k, v)
-    if len(groups) == 1:  # every row has as many keys (the usual batch): one gather, one call, no scatter
+
+    def step(n_keys_of_group: int) -> int:
+        return rows if budget_bytes is None else rows_within(budget_bytes, n_keys_of_group, dim, k.element_size())
+
+    if len(groups) == 1 and step(next(iter(groups))) >= rows:  # the usual batch: one gather, one call, no scatter
         index = torch.stack([ix for _, ix in next(iter(groups.values()))]).to(k.device)
         return attention(q, _gather(pool_k, index), _gather(pool_v, index))
     out = torch.empty_like(q)
-    for members in groups.values():
-        rows_of = [i for i, _ in members]
-        index = torch.stack([ix for _, ix in members]).to(k.device)
-        out[rows_of] = attention(q[rows_of], _gather(pool_k, index), _gather(pool_v, index))
+    for length, members in groups.items():
+        size = step(length)
+        for first in range(0, len(members), size):
+            chunk = members[first:first + size]
+            rows_of = [i for i, _ in chunk]
+            index = torch.stack([ix for _, ix in chunk]).to(k.device)
+            out[rows_of] = attention(q[rows_of], _gather(pool_k, index), _gather(pool_v, index))
     return out
+
+
+def consistent_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention,
+                               sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
+                               bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
+                               bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                               budget_bytes: int | None = None) -> torch.Tensor:
+    """The same Eq. (3)-(4) on heads-first tensors, as DiTs hand them over: q [R, H, Nq, D] (a view of the image
+    queries is fine), k, v [R, H, L, D], bank_k/bank_v [H, M, D]. Keys of a row are its own L keys followed by the
+    sampled keys of its sources and its bank spans, gathered per row (no copy of the whole batch in another
+    layout); rows are attended as many per call as `budget_bytes` holds. Returns [R, Nq, H * D] as the host's
+    attention does."""
+    rows, heads, _, dim = k.shape
+    lengths = [k.shape[2] + sum(samples[j].numel() for j in sources[i])
+               + sum(length for _, length in (bank_spans[i] if bank_spans else ())) for i in range(rows)]
+    for i in range(rows):
+        if i in sources[i]:
+            raise ValueError(f"consistent self-attention: frame {i} may not sample its own tokens")
+
+    def keys_of(i: int, t: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
+        parts = [t[i]] + [t[j].index_select(1, samples[j].to(t.device)) for j in sources[i]]
+        parts += [bank[:, start:start + length].to(t.dtype) for start, length in (bank_spans[i] if bank_spans else ())]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    out = None
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    for length, members in groups.items():
+        size = rows if budget_bytes is None else rows_within(budget_bytes, length, heads * dim, k.element_size())
+        for first in range(0, len(members), size):
+            chunk = members[first:first + size]
+            kk = torch.stack([keys_of(i, k, bank_k) for i in chunk])
+            vv = torch.stack([keys_of(i, v, bank_v) for i in chunk])
+            qq = q[chunk[0]:chunk[-1] + 1] if chunk == list(range(chunk[0], chunk[-1] + 1)) else q[chunk]
+            part = attention(qq, kk, vv)
+            if len(groups) == 1 and len(chunk) == rows:
+                return part
+            if out is None:
+                out = part.new_empty(rows, *part.shape[1:])
+            out[chunk] = part
+    return out
+
+
+def rows_within(budget_bytes: int, n_keys: int, dim: int, element_size: int) -> int:
+    """How many rows of gathered keys and values ([rows, n_keys, dim] each) fit a memory budget (at least 1)."""
+    per_row = 2 * n_keys * dim * element_size
+    return max(1, budget_bytes // max(per_row, 1))
 
 
 def _gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,36 +1,35 @@
-"""Consistent Self-Attention inside the host's UNet: the attn1 hooks, the per-run state and the reference bank's life.
+"""Consistent Self-Attention as a technique on attention sites: the per-run state and the reference bank's life.
 
-One `ConsistentSelfAttention` object per patched MODEL holds everything: the settings, the layers it changes, the
-story plan of the batch being sampled (set by the story sampler) and the bank. It is registered as
-- an attn1 patch (`capture`): sees the normed hidden states of every layer and writes reference frames' sampled
-  tokens to the bank;
-- the attn1 replace of each selected layer (`__call__`): gets q, k, v projected once per frame and attends each
-  frame over its own tokens plus the sampled tokens of the other frames of the same CFG half (and the bank).
+One `ConsistentSelfAttention` object per patched MODEL holds everything: the settings, the story plan of the batch
+being sampled (set by the story sampler) and the bank. It never sees the model family: an attention site
+(nodes/attention_sites.py: UNet attn1, DiT joint attention) hands it a SiteCall and q, k, v, and it
+- `capture`s reference frames' sampled tokens into the bank (UNet: normed hidden states from the attn1 patch;
+  DiT: keys and values, written from `attend`);
+- `attend`s each frame's image-token queries over its own keys plus the sampled image tokens of the other frames of
+  the same CFG half (and the bank).
 Clones of the patched MODEL share the object (`__deepcopy__`), two CSA nodes make two objects.
 """
 from __future__ import annotations
 
 import logging
-import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels import consistent_attention as csa
+from . import attention_sites as sites
 
 log = logging.getLogger("storykit")
 
+NODE = "StoryKit Consistent Self-Attention"
 ATTACHMENT = "storykit_csa"
-LAYER_SETS = {
-    "decoder": ("output",),
-    "decoder+middle": ("output", "middle"),
-    "all": ("input", "middle", "output"),
-}
-_BLOCK_PATH = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.(\d+)$")
-_MIDDLE_PATH = re.compile(r"^middle_block\.\d+\.transformer_blocks\.(\d+)$")
+LAYER_SETS = sites.UNET_LAYER_SETS
 EVERYONE = frozenset({"*"})
+# Gathered keys/values of one attention call stay within 64 MB, or one frame's where that is more: frames are then
+# attended a few (DiTs at 1024 px: one) at a time, so memory does not grow with the square of the batch, and the
+# peak is that of the reference's frame-by-frame loop.
+DEFAULT_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -41,48 +40,31 @@ class StoryFrame:
     reference: bool
 
 
-def self_attention_layers(diffusion_model) -> dict[tuple, torch.nn.Module]:
-    """attn1 modules of a UNet built from the host's transformer blocks, keyed like transformer_options:
-    (\"input\"|\"middle\"|\"output\", block number, index in the block)."""
-    found = {}
-    for name, module in diffusion_model.named_modules():
-        if not hasattr(module, "attn1") or not hasattr(module, "norm1"):
-            continue
-        if match := _BLOCK_PATH.match(name):
-            key = (match.group(1).split("_")[0], int(match.group(2)), int(match.group(3)))
-        elif match := _MIDDLE_PATH.match(name):
-            key = ("middle", 0, int(match.group(1)))
-        else:
-            continue
-        found[key] = module.attn1
-    return found
-
-
 def parse_rates(text: str, default: float) -> list[float]:
     """'0.5' or '0.6, 0.5, 0.4' (finest level first) -> per-level sampling rates; '' -> [default]."""
     parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
     try:
         rates = [float(p) for p in parts] or [default]
     except ValueError:
-        raise ValueError(f"StoryKit Consistent Self-Attention: rate_per_level {text!r} is not a list of numbers; "
+        raise ValueError(f"{NODE}: rate_per_level {text!r} is not a list of numbers; "
                          "write e.g. '0.5, 0.5, 0.7' (finest resolution first) or leave it empty") from None
     bad = [r for r in rates if not 0.0 <= r <= 1.0]
     if bad:
-        raise ValueError(f"StoryKit Consistent Self-Attention: rate_per_level has {bad[0]}; rates are fractions "
-                         "of tokens between 0.0 and 1.0")
+        raise ValueError(f"{NODE}: rate_per_level has {bad[0]}; rates are fractions of tokens between 0.0 and 1.0")
     return rates
 
 
 class ConsistentSelfAttention:
-    def __init__(self, layers: dict[tuple, torch.nn.Module], rates: list[float], sigma_start: float,
-                 sigma_end: float, skip_probability: float = 0.0, seed: int = 0, window: int = 0,
-                 bank_dtype: torch.dtype | None = torch.float16, bank_storage: str = "cpu"):
-        self.layers = layers
+    def __init__(self, rates: list[float], sigma_start: float, sigma_end: float, skip_probability: float = 0.0,
+                 seed: int = 0, window: int = 0, bank_dtype: torch.dtype | None = torch.float16,
+                 bank_storage: str = "cpu", attention_budget: int | None = None):
         self.rates, self.sigma_start, self.sigma_end = rates, sigma_start, sigma_end
         self.skip_probability, self.seed, self.window = skip_probability, seed, window
+        self.attention_budget = attention_budget  # bytes of gathered keys/values per call; None: the default
         self.bank = csa.ReferenceBank(dtype=bank_dtype, storage=bank_storage)
         self.bank_characters: dict[int, frozenset] = {}
         self.plan: list[StoryFrame] | None = None
+        self.site = None
         self.holds = 0
         self._samples: dict[tuple, torch.Tensor] = {}
         self._samples_sigma: float | None = None
@@ -113,38 +95,31 @@ class ConsistentSelfAttention:
         self._samples.clear()
 
     # ------------------------------------------------------------------ per call
-    def _layer(self, extra: dict) -> tuple | None:
-        block = extra.get("block")
-        if block is None:
-            return None
-        key = (block[0], block[1], extra.get("block_index", 0))
-        return key if key in self.layers else None
+    def writing(self) -> bool:
+        return self.plan is not None and any(f.reference for f in self.plan)
 
-    def _sigma(self, extra: dict, key: tuple) -> float | None:
-        """The step's sigma when consistency is on for this layer call, else None."""
-        sigmas = extra.get("sigmas")
-        if sigmas is None:
-            return None
-        sigma = float(sigmas.flatten()[0])
-        if not self.sigma_end <= sigma <= self.sigma_start:
+    def _sigma(self, call: sites.SiteCall) -> float | None:
+        """The step's sigma when consistency is on for this call, else None."""
+        sigma = call.sigma
+        if sigma is None or not self.sigma_end <= sigma <= self.sigma_start:
             return None
         if self.skip_probability > 0 and \
-                csa.uniform(csa.stable_seed(self.seed, "skip", sigma, key)) < self.skip_probability:
+                csa.uniform(csa.stable_seed(self.seed, "skip", sigma, call.block)) < self.skip_probability:
             return None
         return sigma
 
-    def _rate(self, n_tokens: int, extra: dict) -> float:
-        shape = extra.get("original_shape")
-        level = 0
-        if shape is not None and n_tokens:
-            level = max(0, round(math.log(max(shape[-1] * shape[-2] / n_tokens, 1.0), 4)))
-        return self.rates[min(level, len(self.rates) - 1)]
+    def active(self, call: sites.SiteCall) -> bool:
+        """Whether this call shares anything (decided before the site copies a tensor: off stays bit for bit)."""
+        return self._sigma(call) is not None and (self._rate(call) > 0 or bool(self.bank_characters))
+
+    def _rate(self, call: sites.SiteCall) -> float:
+        return self.rates[min(call.level, len(self.rates) - 1)]
 
     def _frames(self, rows: int) -> list[StoryFrame]:
         if self.plan is not None:
             if len(self.plan) != rows:
-                raise ValueError(f"StoryKit Consistent Self-Attention: the story plan has {len(self.plan)} frames "
-                                 f"but the batch has {rows}; sample the story with the StoryKit Story Sampler")
+                raise ValueError(f"{NODE}: the story plan has {len(self.plan)} frames but the batch has {rows}; "
+                                 "sample the story with the StoryKit Story Sampler")
             return self.plan
         return [StoryFrame(i, EVERYONE, True) for i in range(rows)]
 
@@ -158,58 +133,45 @@ class ConsistentSelfAttention:
             self._samples[key] = csa.sample_tokens(n_tokens, rate, csa.stable_seed(self.seed, frame, n_tokens, sigma))
         return self._samples[key]
 
-    @staticmethod
-    def _halves(extra: dict, rows: int) -> list[tuple[int, slice]]:
-        halves = extra.get("cond_or_uncond") or [0]
-        b = rows // len(halves)
-        return [(half, slice(i * b, (i + 1) * b)) for i, half in enumerate(halves)]
-
-    def capture(self, n, context, value, extra):
-        """attn1 patch: reference frames write S_j of this layer and step to the bank (story runs only)."""
-        if self.plan is None or not any(f.reference for f in self.plan):
-            return n, context, value
-        key = self._layer(extra)
-        sigma = self._sigma(extra, key) if key else None
-        if sigma is None:
-            return n, context, value
-        rate = self._rate(n.shape[1], extra)
-        for half, rows in self._halves(extra, n.shape[0]):
-            part = n[rows]
-            for row, frame in enumerate(self._frames(part.shape[0])):
+    def capture(self, call: sites.SiteCall, take) -> None:
+        """Reference frames write S_j of this block and step to the bank (story runs only).
+        take(row, token indices) gives a row's tokens to store; call.image is the span that gets sampled."""
+        sigma = self._sigma(call)
+        if sigma is None or not self.writing():
+            return
+        rate = self._rate(call)
+        n_image = call.image.stop - call.image.start
+        for half, rows in call.halves:
+            for row, frame in enumerate(self._frames(rows.stop - rows.start)):
                 if frame.reference and frame.characters:
-                    index = self._sample(frame.frame, n.shape[1], rate, sigma).to(part.device)
-                    self.bank.write(key, half, sigma, frame.frame, part[row, index])
+                    index = self._sample(frame.frame, n_image, rate, sigma) + call.image.start
+                    self.bank.write(call.block, half, sigma, frame.frame, take(rows.start + row, index))
                     self.bank_characters[frame.frame] = frame.characters
-        return n, context, value
 
-    def __call__(self, q, k, v, extra):
-        """attn1 replace: consistent self-attention over each CFG half separately (uncond never sees cond)."""
-        import comfy.ldm.modules.attention as host_attention
-        heads = extra["n_heads"]
-
-        def attend(q_, k_, v_):
-            return host_attention.optimized_attention(q_, k_, v_, heads, attn_precision=extra.get("attn_precision"))
-
-        key = self._layer(extra)
-        sigma = self._sigma(extra, key) if key else None
+    def attend(self, call: sites.SiteCall, q, k, v, attend):
+        """Consistent self-attention over each CFG half separately (uncond never sees cond); None when off.
+        q: [rows, Nq, C] image-token queries, k, v: [rows, L, C] every token of each row; heads-first
+        ([rows, heads, ., D]) when call.heads."""
+        sigma = self._sigma(call)
         if sigma is None:
-            return attend(q, k, v)
-        rate = self._rate(q.shape[1], extra)
-        halves = self._halves(extra, q.shape[0])
-        frames = self._frames(halves[0][1].stop - halves[0][1].start)
+            return None
+        if call.take is not None and self.writing():
+            self.capture(call, call.take)
+        rate = self._rate(call)
+        frames = self._frames(call.halves[0][1].stop - call.halves[0][1].start)
         if not self.window or len(frames) <= self.window:  # both halves in one batched call
-            return self._attend(q, k, v, [(half, frames) for half, _ in halves], key, sigma, rate, attend)
+            return self._attend(q, k, v, [(half, frames) for half, _ in call.halves], call, sigma, rate, attend)
         out = torch.empty_like(q)
-        for half, rows in halves:
+        for half, rows in call.halves:
             def run(members: list[int], rows=rows, half=half):
                 return self._attend(q[rows][members], k[rows][members], v[rows][members],
-                                    [(half, [frames[i] for i in members])], key, sigma, rate, attend)
+                                    [(half, [frames[i] for i in members])], call, sigma, rate, attend)
             out[rows] = csa.windowed(len(frames), self.window, run, q[rows])
         return out
 
-    def _attend(self, q, k, v, parts, key, sigma, rate, attend):
+    def _attend(self, q, k, v, parts, call, sigma, rate, attend):
         """parts: (CFG half, its frames) in the order their rows are stacked in q; sources stay inside a half."""
-        n_tokens = q.shape[1]
+        n_image = call.image.stop - call.image.start
         sources, samples, spans, hidden = [], {}, [], []
         first_row, bank_length = 0, 0
         for half, frames in parts:
@@ -217,12 +179,12 @@ class ConsistentSelfAttention:
                       and other.characters & frame.characters] for i, frame in enumerate(frames)]
             sources.extend([first_row + j for j in row] for row in local)
             for j in {j for row in local for j in row}:
-                samples[first_row + j] = self._sample(frames[j].frame, n_tokens, rate, sigma)
+                samples[first_row + j] = self._sample(frames[j].frame, n_image, rate, sigma) + call.image.start
             in_batch = {f.frame for f in frames}
             wanted = [[f for f in self.bank_characters if f not in in_batch
                        and self.bank_characters[f] & frame.characters] for frame in frames]
             needed = sorted({f for row in wanted for f in row})
-            tokens = self.bank.read(key, half, sigma, needed, q.device) if needed else {}
+            tokens = self.bank.read(call.block, half, sigma, needed, q.device) if needed else {}
             starts = {}
             for f in needed:
                 if f in tokens:
@@ -231,38 +193,59 @@ class ConsistentSelfAttention:
                     hidden.append(tokens[f])
             spans.extend([starts[f] for f in row if f in starts] for row in wanted)
             first_row += len(frames)
+        if not hidden and not any(sources):
+            return None  # nothing to share (rate 0, no references in reach): the host's own attention, bit for bit
         bank_k = bank_v = None
-        if hidden:  # the bank holds normed hidden states: project them once for every frame that reads them
-            attn1 = self.layers[key]
-            states = torch.cat(hidden).to(q.dtype).unsqueeze(0)
-            bank_k, bank_v = attn1.to_k(states)[0], attn1.to_v(states)[0]
-        return csa.consistent_self_attention(q, k, v, attend, sources, samples, bank_k, bank_v,
-                                             spans if hidden else None)
+        if hidden:  # project (UNet) or split (DiT) the stored tokens once for every frame that reads them
+            bank_k, bank_v = call.to_kv(torch.cat(hidden).to(q.dtype))
+        budget = self.attention_budget if self.attention_budget is not None else DEFAULT_BUDGET
+        kernel = csa.consistent_joint_attention if call.heads else csa.consistent_self_attention
+        return kernel(q, k, v, attend, sources, samples, bank_k, bank_v, spans if hidden else None,
+                      budget_bytes=budget)
+
+
+def model_site(model, layer_set: str = "decoder", blocks: str = "", node: str = NODE):
+    """The attention site of a MODEL with its selected blocks, or a clear error naming the supported families."""
+    base = model.model
+    diffusion_model = base.diffusion_model
+    family = sites.family_of(base)
+    if family is not None:
+        available = sites.JointAttention.available(family, diffusion_model)
+        chosen = sites.parse_blocks(blocks, available, node) if blocks.strip() else \
+            sites.JointAttention.default_blocks(family, diffusion_model)
+        return sites.JointAttention(family, diffusion_model, chosen)
+    layers = sites.UNetSelfAttention.blocks_of(diffusion_model)
+    if not layers:
+        raise ValueError(f"{node}: {type(base).__name__} is not a model StoryKit can patch; supported: "
+                         f"{sites.SUPPORTED}")
+    if blocks.strip():
+        available = {kind: max(n for k, n, _ in layers if k == kind) + 1 for kind in {k for k, _, _ in layers}}
+        chosen = sites.parse_blocks(blocks, available, node)
+        layers = {key: module for key, module in layers.items() if key[:2] in chosen}
+    else:
+        if layer_set not in LAYER_SETS:
+            raise ValueError(f"{node}: layers {layer_set!r} is not one of " + ", ".join(LAYER_SETS))
+        layers = {key: module for key, module in layers.items() if key[0] in LAYER_SETS[layer_set]}
+    if not layers:
+        raise ValueError(f"{node}: this UNet has no self-attention layers in '{blocks or layer_set}' "
+                         "(try layers 'all')")
+    return sites.UNetSelfAttention(layers)
 
 
 def patch_model(model, rates: list[float], layer_set: str, start_percent: float, end_percent: float,
-                skip_probability: float, seed: int, window: int, bank_dtype, bank_storage: str):
-    """Clone `model` and install consistent self-attention on the chosen self-attention layers."""
+                skip_probability: float, seed: int, window: int, bank_dtype, bank_storage: str, blocks: str = ""):
+    """Clone `model` and install consistent self-attention on the chosen blocks of its attention site."""
     import comfy.patcher_extension
-    if layer_set not in LAYER_SETS:
-        raise ValueError(f"StoryKit Consistent Self-Attention: layers {layer_set!r} is not one of "
-                         + ", ".join(LAYER_SETS))
     if start_percent > end_percent:
-        raise ValueError("StoryKit Consistent Self-Attention: start_percent is after end_percent; "
-                         "set start_percent <= end_percent")
+        raise ValueError(f"{NODE}: start_percent is after end_percent; set start_percent <= end_percent")
+    site = model_site(model, layer_set, blocks)  # raises before anything is cloned or patched
     patched = model.clone()
-    layers = {key: module for key, module in self_attention_layers(patched.model.diffusion_model).items()
-              if key[0] in LAYER_SETS[layer_set]}
-    if not layers:
-        raise ValueError("StoryKit Consistent Self-Attention: this model has no UNet self-attention layers in "
-                         f"'{layer_set}'; it works on SD1.5/SDXL-style UNets (try layers 'all')")
     sampling = patched.get_model_object("model_sampling")
-    state = ConsistentSelfAttention(layers, rates, sampling.percent_to_sigma(start_percent),
+    state = ConsistentSelfAttention(rates, sampling.percent_to_sigma(start_percent),
                                     sampling.percent_to_sigma(end_percent), skip_probability, seed, window,
                                     bank_dtype, bank_storage)
-    patched.set_model_attn1_patch(state.capture)
-    for block, number, index in layers:
-        patched.set_model_attn1_replace(state, block, number, index)
+    state.site = site
+    site.install(patched, state)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ATTACHMENT, state.on_cleanup)
     patched.set_attachments(ATTACHMENT, state)
     return patched
@@ -270,3 +253,6 @@ def patch_model(model, rates: list[float], layer_set: str, start_percent: float,
 
 def state_of(model) -> ConsistentSelfAttention | None:
     return model.get_attachment(ATTACHMENT) if hasattr(model, "get_attachment") else None
+
+
+self_attention_layers = sites.unet_self_attention_layers

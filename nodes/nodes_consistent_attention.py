@@ -49,11 +49,27 @@ def _pad_to(cond: torch.Tensor, length: int) -> torch.Tensor:
     return cond.repeat(1, length // cond.shape[1], 1)
 
 
+def _tokenize_alike(clip, prompts: list[str]) -> list[dict]:
+    """Tokenize every frame; encoders that take one unchunked sequence (T5, LLMs: the DiTs' encoders) are padded
+    with their own pad token to the longest frame, so all frames of a story batch have one text length (a DiT's
+    joint attention over repeated text would not be the frame's own picture, as repeating is for CLIP's chunks)."""
+    tokens = [clip.tokenize(prompt) for prompt in prompts]
+    longest = {}
+    for key in tokens[0]:
+        if all(len(t.get(key, ())) == 1 for t in tokens):  # one sequence per prompt: not CLIP's 77-token chunks
+            lengths = {len(t[key][0]) for t in tokens}
+            if len(lengths) > 1:
+                longest[key] = max(lengths)
+    if not longest:
+        return tokens
+    options = {"tokenizer_options": {f"{key}_min_length": length for key, length in longest.items()}}
+    return [clip.tokenize(prompt, **options) for prompt in prompts]
+
+
 def encode_frames(clip, prompts: list[str], where: list[str]) -> list:
     """Per-frame prompts -> one CONDITIONING whose batch is the frames (tokens padded to a common length)."""
     conds, pooled = [], []
-    for prompt, place in zip(prompts, where, strict=True):
-        tokens = clip.tokenize(prompt)
+    for tokens, place in zip(_tokenize_alike(clip, prompts), where, strict=True):
         chunks = max(len(v) for v in tokens.values())
         if chunks > MAX_TOKEN_CHUNKS:
             raise ValueError(f"StoryKit Story Prompt: {place}: the prompt is longer than {MAX_TOKEN_CHUNKS * 75} "
@@ -78,7 +94,8 @@ class StoryPrompt(io.ComfyNode):
             description="A whole story in StoryDiffusion's syntax -> one conditioning per frame (as one batch), the "
                         "story plan (who is in which frame, which frames are references) and the captions.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The checkpoint's text encoder (SD1.5, SDXL)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder: the checkpoint's (SD1.5, SDXL) or the "
+                                              "CLIP loader's (FLUX, Chroma, Qwen-Image, Z-Image, SD3.5)."),
                 io.String.Input("story", multiline=True, default=EXAMPLE_STORY, dynamic_prompts=False,
                                 tooltip="Character lines first: '[Name] what they look like'. Then one frame per "
                                         "line; [Name] in a frame is replaced by that description, several names "
@@ -139,8 +156,9 @@ class ConsistentSelfAttention(io.ComfyNode):
                         "attends to a random sample of the other frames' tokens, so faces, hair and clothes "
                         "converge across the story while each frame keeps its own prompt.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to make story-consistent (SD1.5/SDXL UNet; LoRAs "
-                                                 "applied before or after both work)."),
+                io.Model.Input("model", tooltip="The diffusion model to make story-consistent: an SD1.5/SDXL UNet or "
+                                                 "a joint-attention DiT (FLUX.1, FLUX.2, Chroma, Qwen-Image, "
+                                                 "Z-Image, SD3.5). LoRAs applied before or after both work."),
                 io.Float.Input("sampling_rate", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Share of each other frame's tokens a frame looks at. Higher: more alike "
                                        "characters, less varied poses. Paper default 0.5; 0.3 is too weak."),
@@ -169,16 +187,23 @@ class ConsistentSelfAttention(io.ComfyNode):
                 io.Combo.Input("bank_location", options=list(BANK_LOCATIONS), default="cpu",
                                tooltip="Where reference tokens live between steps. cpu: streamed to the GPU one "
                                        "layer at a time (long stories on small cards)."),
+                io.String.Input("blocks", default="",
+                                tooltip="Which blocks share tokens, as ranges: 'double 10-18, single 0-37' (FLUX), "
+                                        "'double 30-59' (Qwen-Image), 'joint 12-23' (SD3.5, Z-Image), "
+                                        "'output 0-11' (UNet). Empty: the model's default, the later half of "
+                                        "the blocks (on UNets: the 'layers' choice). Fewer blocks: a smaller "
+                                        "bank and looser likeness."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, sampling_rate, rate_per_level, layers, start_percent, end_percent, skip_probability,
-                seed, window_size, bank_precision, bank_location) -> io.NodeOutput:
+                seed, window_size, bank_precision, bank_location, blocks="") -> io.NodeOutput:
         rates = csa_patch.parse_rates(rate_per_level, sampling_rate)
         patched = csa_patch.patch_model(model, rates, layers, start_percent, end_percent, skip_probability, seed,
-                                        window_size, BANK_DTYPES[bank_precision], BANK_LOCATIONS[bank_location])
+                                        window_size, BANK_DTYPES[bank_precision], BANK_LOCATIONS[bank_location],
+                                        blocks)
         return io.NodeOutput(patched)
 
 

@@ -15,7 +15,20 @@ from .host import PACK_DIR, HostNotFound
 WORKFLOWS = PACK_DIR / "workflows"
 DEMO_WORKFLOW = "storykit_csa_sd15"
 CHECKPOINT_LOADERS = {"CheckpointLoaderSimple", "CheckpointLoader|pysssss"}
-TINY_LOADER = "StoryKitDevTinyCheckpoint"
+TINY_KINDS = ("sd15", "sdxl", "flux", "flux2", "chroma", "qwen_image", "z_image", "sd3")
+TINY_NODES = {"checkpoint": "StoryKitDevTinyCheckpoint", "model": "StoryKitDevTinyModel",
+              "clip": "StoryKitDevTinyCLIP", "vae": "StoryKitDevTinyVAE"}
+TINY_LOADER = TINY_NODES["checkpoint"]
+# The stock loaders --tiny-model replaces, by what they hand out.
+LOADER_ROLES = {**dict.fromkeys(CHECKPOINT_LOADERS, "checkpoint"), "UNETLoader": "model", "CLIPLoader": "clip",
+                "DualCLIPLoader": "clip", "TripleCLIPLoader": "clip", "VAELoader": "vae"}
+# The text-encoder loaders (node, `type` input) that fit each kind, as ComfyUI's own templates load them.
+TINY_CLIP_LOADERS = {
+    "sd15": {("CLIPLoader", "stable_diffusion")}, "sdxl": {("DualCLIPLoader", "sdxl")},
+    "flux": {("DualCLIPLoader", "flux")}, "flux2": {("CLIPLoader", "flux2")}, "chroma": {("CLIPLoader", "chroma")},
+    "qwen_image": {("CLIPLoader", "qwen_image")}, "z_image": {("CLIPLoader", "lumina2")},
+    "sd3": {("TripleCLIPLoader", None), ("DualCLIPLoader", "sd3"), ("CLIPLoader", "sd3")},
+}
 
 
 def cache_dir() -> Path:
@@ -35,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                        "where Save nodes write (default: the host's output folder)")
         p.add_argument("--input", default=None, help="where Load Image nodes read (default: the host's input folder)")
         p.add_argument("--ckpt", help="use this checkpoint file name (or path) in every Load Checkpoint node")
-        p.add_argument("--tiny-model", choices=["sd15", "sdxl"],
-                       help="replace every Load Checkpoint node by a small random-weight model (seconds on a CPU)")
+        p.add_argument("--tiny-model", choices=TINY_KINDS,
+                       help="replace the model loaders (Load Checkpoint, UNET, CLIP and VAE loaders) by small "
+                            "random-weight models of that family (seconds on a CPU)")
         p.add_argument("--quick", action="store_true",
                        help="smoke-run settings: latents and training pictures at most 256 px, every sampler, "
                             "scheduler and trainer at most 4 steps, DreamBooth at most 2 class pictures")
@@ -200,11 +214,7 @@ def prepare_prompt(h, args, prompt: dict) -> dict:
     if getattr(args, "quick", False):
         quick_settings(prompt)
     if args.tiny_model:
-        register_tiny_loader(h.nodes)
-        for entry in prompt.values():
-            if entry["class_type"] in CHECKPOINT_LOADERS:
-                entry["class_type"] = TINY_LOADER
-                entry["inputs"] = {"kind": args.tiny_model, "seed": 0}
+        substitute_tiny_models(h.nodes, prompt, args.tiny_model)
     conv.apply_overrides(prompt, args.overrides)
     return prompt
 
@@ -274,28 +284,80 @@ def _saved_files(h, outputs: dict) -> list[str]:
     return lines
 
 
-def register_tiny_loader(nodes_module) -> None:
-    """A development-only loader node that hands out the seeded tiny models (never part of the pack's node list)."""
-    if TINY_LOADER in nodes_module.NODE_CLASS_MAPPINGS:
+def register_tiny_loaders(nodes_module) -> None:
+    """Development-only loader nodes that hand out the seeded tiny models (never part of the pack's node list): one
+    with the outputs of Load Checkpoint (MODEL, CLIP, VAE) and one each for MODEL, CLIP and VAE."""
+    if all(node_id in nodes_module.NODE_CLASS_MAPPINGS for node_id in TINY_NODES.values()):
         return
     from comfy_api.latest import io
 
     from . import testmodels
 
-    class TinyCheckpoint(io.ComfyNode):
-        @classmethod
-        def define_schema(cls):
-            return io.Schema(
-                node_id="StoryKitDevTinyCheckpoint", display_name="Tiny random checkpoint (StoryKit dev)",
-                category="StoryKit/dev",
-                inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"]), io.Int.Input("seed", default=0)],
-                outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+    def make(role: str, outputs: list, pick):
+        node_id = TINY_NODES[role]
+        title = f"Tiny random {role} (StoryKit dev)"
 
-        @classmethod
-        def execute(cls, kind, seed=0):
-            model, clip, vae = testmodels.tiny_models(kind, seed)
-            return io.NodeOutput(model.clone(), clip.clone(), vae)
+        class TinyLoader(io.ComfyNode):
+            @classmethod
+            def define_schema(cls):
+                return io.Schema(
+                    node_id=node_id, display_name=title, category="StoryKit/dev",
+                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS)), io.Int.Input("seed", default=0)],
+                    outputs=outputs)
 
-    TinyCheckpoint.RELATIVE_PYTHON_MODULE = "storykit.runner"
-    nodes_module.NODE_CLASS_MAPPINGS[TINY_LOADER] = TinyCheckpoint
-    nodes_module.NODE_DISPLAY_NAME_MAPPINGS[TINY_LOADER] = "Tiny random checkpoint (StoryKit dev)"
+            @classmethod
+            def execute(cls, kind, seed=0):
+                model, clip, vae = testmodels.tiny_models(kind, seed)
+                if clip is None and role in ("checkpoint", "clip"):
+                    from .ditmodels import FLUX2_TOKENIZER_MISSING
+                    raise ValueError(f"{title}: {FLUX2_TOKENIZER_MISSING}")
+                return io.NodeOutput(*pick(model.clone(), clip.clone() if clip is not None else None, vae))
+
+        TinyLoader.__name__ = TinyLoader.__qualname__ = f"Tiny{role.capitalize()}"
+        TinyLoader.RELATIVE_PYTHON_MODULE = "storykit.runner"
+        nodes_module.NODE_CLASS_MAPPINGS[node_id] = TinyLoader
+        nodes_module.NODE_DISPLAY_NAME_MAPPINGS[node_id] = title
+
+    make("checkpoint", [io.Model.Output(), io.Clip.Output(), io.Vae.Output()], lambda m, c, v: (m, c, v))
+    make("model", [io.Model.Output()], lambda m, c, v: (m,))
+    make("clip", [io.Clip.Output()], lambda m, c, v: (c,))
+    make("vae", [io.Vae.Output()], lambda m, c, v: (v,))
+
+
+def substitute_tiny_models(nodes_module, prompt: dict, kind: str, seed: int = 0) -> None:
+    """Replace the stock loaders of an API prompt by dev nodes handing out the tiny `kind` models, in place.
+
+    Load Checkpoint, UNETLoader, CLIPLoader/DualCLIPLoader/TripleCLIPLoader and VAELoader become dev nodes with the
+    same outputs, so the rest of the graph is unchanged. A text-encoder loader whose `type` belongs to another family
+    is an error (a FLUX graph cannot run on a tiny SDXL model), as is a graph with no loader at all.
+    """
+    if kind not in TINY_KINDS:
+        raise conv.WorkflowError(f"--tiny-model {kind}: unknown kind; use one of {', '.join(TINY_KINDS)}")
+    loaders = {nid: e for nid, e in prompt.items() if e.get("class_type") in LOADER_ROLES}
+    if not loaders:
+        raise conv.WorkflowError(f"--tiny-model {kind}: this workflow has no loader node to replace ("
+                                 + ", ".join(sorted(LOADER_ROLES)) + ")")
+    for nid, entry in loaders.items():
+        fits = _clip_loader_fits(entry, kind)
+        if fits is not True:
+            raise conv.WorkflowError(f"--tiny-model {kind}: node {nid} ({entry['class_type']}) loads {fits}; "
+                                     f"a {kind} model's text encoders come from "
+                                     + " or ".join(f"{n}" + (f" type {t}" if t else "")
+                                                   for n, t in sorted(TINY_CLIP_LOADERS[kind], key=str)))
+    register_tiny_loaders(nodes_module)
+    for entry in loaders.values():
+        entry["class_type"] = TINY_NODES[LOADER_ROLES[entry["class_type"]]]
+        entry["inputs"] = {"kind": kind, "seed": seed}
+
+
+def _clip_loader_fits(entry: dict, kind: str):
+    """True, or what the text-encoder loader loads instead (for the error message)."""
+    if LOADER_ROLES[entry["class_type"]] != "clip":
+        return True
+    clip_type = None if entry["class_type"] == "TripleCLIPLoader" else entry["inputs"].get("type", "stable_diffusion")
+    loader = (entry["class_type"], clip_type)
+    if loader in TINY_CLIP_LOADERS[kind]:
+        return True
+    others = [k for k, fits in TINY_CLIP_LOADERS.items() if loader in fits]
+    what = "the SD3 text encoders" if clip_type is None else f"text encoders of type {clip_type!r}"
+    return what + (f" (use --tiny-model {others[0]})" if others else "")

@@ -4,6 +4,7 @@
   CheckpointLoaderSimple detects as SD1.5. Pictures are noise; every code path is the real one.
 - `tiny_models("sd15" | "sdxl")`: small UNets from the host's own classes with real-width text encoders (CLIP-L 768,
   and CLIP-G 1280 with pooled output for SDXL, so contexts are 768 and 2048 wide), shallow, and a small VAE.
+- `tiny_models("flux" | "flux2" | "chroma" | "qwen_image" | "z_image" | "sd3")`: the DiT families, see ditmodels.py.
 Every function here imports the host lazily: call runner.host.boot() first.
 """
 from __future__ import annotations
@@ -143,9 +144,15 @@ def build_vae(seed: int, full: bool = False):
     return comfy.sd.VAE(sd=module.state_dict(), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def tiny_models(kind: str = "sd15", seed: int = 0):
     """(MODEL, CLIP, VAE) of the given family, small and seeded; cached per process (clone before patching)."""
+    from . import ditmodels
+    if kind == "flux2":  # no tekken tokenizer in the host tree: MODEL and VAE only (see ditmodels)
+        return ditmodels.build_dit(kind, seed), None, ditmodels.build_dit_vae(kind, seed + 2)
+    if kind in ditmodels.DIT_KINDS:
+        return ditmodels.build_dit(kind, seed), ditmodels.build_dit_clip(kind, seed + 1), \
+            ditmodels.build_dit_vae(kind, seed + 2)
     return build_unet(kind, seed), build_clip(kind, seed + 1), build_vae(seed + 2)
 
 

@@ -73,11 +73,7 @@ def run_workflow(host):
         data = conv.load_workflow_file(workflow) if isinstance(workflow, (str, Path)) else workflow
         prompt = conv.to_api(data, conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt
         if tiny_model:
-            cli.register_tiny_loader(host.nodes)
-            for entry in prompt.values():
-                if entry["class_type"] in cli.CHECKPOINT_LOADERS:
-                    entry["class_type"] = cli.TINY_LOADER
-                    entry["inputs"] = {"kind": tiny_model, "seed": 0}
+            cli.substitute_tiny_models(host.nodes, prompt, tiny_model)
         conv.apply_overrides(prompt, list(overrides))
         return execute.run_prompt(host, prompt, quiet=quiet)
 
