@@ -151,8 +151,11 @@ def _as_one_prompt(story: Story, plan: story_plan.StoryPlan) -> tuple[str, list[
 def _seed_inputs(prompt: dict):
     """(inputs, name) of every literal seed of the prompt, in node order; a loader's seed (the tiny models' weights)
     is no sampling seed."""
+    from .cli import TINY_NODES
+    loaders = set(TINY_NODES.values())
     for _, entry in sorted(prompt.items(), key=lambda kv: conv._id_key(kv[0])):
-        if "Loader" not in entry["class_type"] and "Checkpoint" not in entry["class_type"]:
+        kind = entry["class_type"]
+        if kind not in loaders and "Loader" not in kind and "Checkpoint" not in kind:
             for key in SEED_INPUTS:
                 value = entry["inputs"].get(key)
                 if isinstance(value, int) and not isinstance(value, bool):
