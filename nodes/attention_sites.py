@@ -36,6 +36,7 @@ class SiteCall:
     to_kv: Callable | None = None     # stored bank tokens [M, C'] -> keys, values in the call's layout
     take: Callable | None = None      # (row, token indices) -> [n, C'] tokens to store; None: captured elsewhere
     heads: int = 0                    # > 0: q, k, v are heads-first [rows, heads, L, D]; 0: [rows, L, C]
+    n_heads: int = 0                  # attention heads (for the memory bound of a token-major call)
 
 
 def halves_of(options: dict, rows: int) -> list[tuple[int, slice]]:
@@ -119,8 +120,9 @@ class UNetSelfAttention:
     """UNet attn1: the patch captures normed hidden states for the bank, the replace attends with q, k, v."""
     family = "unet"
 
-    def __init__(self, layers: dict[tuple, torch.nn.Module]):
+    def __init__(self, layers: dict[tuple, torch.nn.Module], levels: int = 4):
         self.layers = layers
+        self.levels = levels      # resolution levels of the UNet (SD1.5 4, SDXL 3)
         self.technique = None
 
     def __deepcopy__(self, memo):
@@ -129,6 +131,18 @@ class UNetSelfAttention:
     @classmethod
     def blocks_of(cls, diffusion_model) -> dict[tuple, torch.nn.Module]:
         return unet_self_attention_layers(diffusion_model)
+
+    def bank_bytes(self, latent_shape, rate: float, element_size: int) -> int:
+        """Bytes per reference frame, CFG half and step: sampled normed hidden states of every selected layer (a
+        layer at resolution level l has the latent's H*W / 4^l tokens; level from its input block's depth)."""
+        from ..kernels import consistent_attention as csa
+        tokens = latent_shape[-1] * latent_shape[-2]
+        total = 0
+        for (kind, number, _), attn1 in self.layers.items():
+            width = attn1.to_k.in_features
+            level = _unet_level(kind, number, self.levels)
+            total += csa.sample_count(tokens // 4 ** level, rate) * width * element_size
+        return total
 
     def call(self, options: dict, rows: int, n_tokens: int) -> SiteCall | None:
         block = options.get("block")
@@ -146,7 +160,8 @@ class UNetSelfAttention:
         def to_kv(states):  # the bank holds normed hidden states: project them once for every reader
             states = states.unsqueeze(0)
             return attn1.to_k(states)[0], attn1.to_v(states)[0]
-        return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv)
+        return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv,
+                        n_heads=options.get("n_heads", 0))
 
     def install(self, patched, technique) -> None:
         self.technique = technique
@@ -172,6 +187,16 @@ class UNetSelfAttention:
         call = self.call(extra, q.shape[0], q.shape[1])
         out = self.technique.attend(call, q, k, v, attend) if call is not None else None
         return attend(q, k, v) if out is None else out
+
+
+def _unet_level(kind: str, number: int, levels: int) -> int:
+    """Resolution level (0 = the latent's own) of a UNet block in the host's numbering: 3 blocks per level in the
+    input and output lists (the first input block is the stem), the middle block the deepest."""
+    if kind == "input":
+        return max(0, (number - 1) // 3)
+    if kind == "middle":
+        return levels - 1
+    return max(0, levels - 1 - number // 3)
 
 
 # ---------------------------------------------------------------------------------------------- DiT joint attention
@@ -238,6 +263,15 @@ class JointAttention:
             first, last = family.default.get(kind, (1.0, 1.0))
             chosen.update((kind, i) for i in range(int(math.floor(first * count)), int(math.ceil(last * count))))
         return chosen
+
+    def bank_bytes(self, latent_shape, rate: float, element_size: int) -> int:
+        """Bytes the bank takes per reference frame, CFG half and step: sampled keys + values of every selected
+        block (the latent's image tokens at this patch size; the width is the model's hidden size)."""
+        from ..kernels import consistent_attention as csa
+        width = next((getattr(self.diffusion_model, a) for a in ("hidden_size", "inner_dim", "dim")
+                      if isinstance(getattr(self.diffusion_model, a, None), int)), 0)
+        n_image = math.prod((side + self.patch - 1) // self.patch for side in latent_shape[-2:])
+        return len(self.blocks) * csa.sample_count(n_image, rate) * 2 * width * element_size
 
     def _text_tokens(self, context: torch.Tensor | None) -> int:
         n = 0 if context is None else context.shape[1]
@@ -309,7 +343,8 @@ class JointAttention:
         image = slice(start, start + n_image)
         call = SiteCall(block, halves_of(options, q.shape[0]), image, sigma_of(options), 0,
                         to_kv=functools.partial(_split_kv, q.shape[1] if split else 0),
-                        take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0)
+                        take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0,
+                        n_heads=heads or 0)
         if not technique.active(call):
             return run(*args, **kwargs)
         rest = {key: value for key, value in kwargs.items() if key not in ("skip_reshape", "heads")}

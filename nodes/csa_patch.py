@@ -26,9 +26,9 @@ NODE = "StoryKit Consistent Self-Attention"
 ATTACHMENT = "storykit_csa"
 LAYER_SETS = sites.UNET_LAYER_SETS
 EVERYONE = frozenset({"*"})
-# Gathered keys/values of one attention call stay within 64 MB, or one frame's where that is more: frames are then
-# attended a few (DiTs at 1024 px: one) at a time, so memory does not grow with the square of the batch, and the
-# peak is that of the reference's frame-by-frame loop.
+# Gathered keys/values (and the logits a non-fused host attention makes) of one attention call stay within 64 MB,
+# or one frame's where that is more: frames are then attended a few (DiTs and SDXL at 1024 px: one) at a time, so
+# memory does not grow with the square of the batch, and the peak is near the reference's frame-by-frame loop.
 DEFAULT_BUDGET = 64 << 20
 
 
@@ -63,6 +63,7 @@ class ConsistentSelfAttention:
         self.attention_budget = attention_budget  # bytes of gathered keys/values per call; None: the default
         self.bank = csa.ReferenceBank(dtype=bank_dtype, storage=bank_storage)
         self.bank_characters: dict[int, frozenset] = {}
+        self.bank_enabled = True  # False: the story sampler re-runs the references beside each reader batch
         self.plan: list[StoryFrame] | None = None
         self.site = None
         self.holds = 0
@@ -137,7 +138,7 @@ class ConsistentSelfAttention:
         """Reference frames write S_j of this block and step to the bank (story runs only).
         take(row, token indices) gives a row's tokens to store; call.image is the span that gets sampled."""
         sigma = self._sigma(call)
-        if sigma is None or not self.writing():
+        if sigma is None or not self.writing() or not self.bank_enabled:
             return
         rate = self._rate(call)
         n_image = call.image.stop - call.image.start
@@ -199,9 +200,11 @@ class ConsistentSelfAttention:
         if hidden:  # project (UNet) or split (DiT) the stored tokens once for every frame that reads them
             bank_k, bank_v = call.to_kv(torch.cat(hidden).to(q.dtype))
         budget = self.attention_budget if self.attention_budget is not None else DEFAULT_BUDGET
-        kernel = csa.consistent_joint_attention if call.heads else csa.consistent_self_attention
-        return kernel(q, k, v, attend, sources, samples, bank_k, bank_v, spans if hidden else None,
-                      budget_bytes=budget)
+        if call.heads:
+            return csa.consistent_joint_attention(q, k, v, attend, sources, samples, bank_k, bank_v,
+                                                  spans if hidden else None, budget_bytes=budget)
+        return csa.consistent_self_attention(q, k, v, attend, sources, samples, bank_k, bank_v,
+                                             spans if hidden else None, budget_bytes=budget, heads=call.n_heads)
 
 
 def model_site(model, layer_set: str = "decoder", blocks: str = "", node: str = NODE):
@@ -229,7 +232,7 @@ def model_site(model, layer_set: str = "decoder", blocks: str = "", node: str = 
     if not layers:
         raise ValueError(f"{node}: this UNet has no self-attention layers in '{blocks or layer_set}' "
                          "(try layers 'all')")
-    return sites.UNetSelfAttention(layers)
+    return sites.UNetSelfAttention(layers, max(1, len(getattr(diffusion_model, "output_blocks", ())) // 3))
 
 
 def patch_model(model, rates: list[float], layer_set: str, start_percent: float, end_percent: float,

@@ -8,7 +8,7 @@ import comfy.patcher_extension
 import comfy.sample
 import torch
 from comfy.ldm.modules import attention as host_attention
-from comfy_api.latest import io
+from .v3 import io
 
 from ..kernels import one_prompt_story as ops
 

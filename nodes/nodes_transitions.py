@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from comfy_api.latest import io
+from .v3 import io
 
 import comfy.model_management
 import comfy.patcher_extension

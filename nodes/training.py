@@ -60,6 +60,49 @@ def freeze(module: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
+# ---------------------------------------------------------------------------------------------- dynamic VRAM
+def is_dynamic(patcher) -> bool:
+    """Newer hosts' ModelPatcherDynamic (Dynamic VRAM, the default on recent NVIDIA installs) says so itself."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def _dynamic_error(node: str, what: str, exc: Exception) -> ValueError:
+    return ValueError(f"{node}: the {what} uses ComfyUI's Dynamic VRAM, which streams weights layer by layer and "
+                      f"cannot load them whole for training, and the host could not make a copy without it ({exc}). "
+                      "Load the checkpoint with the stock Load Checkpoint node, or start ComfyUI with "
+                      "--disable-dynamic-vram for training runs")
+
+
+def resident(patcher, node: str, what: str = "model"):
+    """The patcher to train through: this one, or, under Dynamic VRAM, the host's own copy without it.
+
+    ModelPatcherDynamic.load() asserts against full loads and casts weights per layer from pinned buffers, so autograd
+    cannot run through its weights. `clone(disable_dynamic=True)` is the host's way out: a plain ModelPatcher over a
+    freshly loaded copy of the same checkpoint (its cached_patcher_init), with this patcher's patches and options.
+    """
+    if not is_dynamic(patcher):
+        return patcher
+    try:
+        plain = patcher.clone(disable_dynamic=True)
+    except (RuntimeError, TypeError) as exc:
+        raise _dynamic_error(node, what, exc) from exc
+    log.info("%s: training on a copy of the %s without Dynamic VRAM", node, what)
+    return plain
+
+
+def resident_clip(clip, node: str):
+    """resident() for a CLIP: its text encoder module must be the one the non-dynamic patcher loads."""
+    if not is_dynamic(clip.patcher):
+        return clip
+    try:
+        plain = clip.clone(disable_dynamic=True)
+    except (RuntimeError, TypeError) as exc:
+        raise _dynamic_error(node, "text encoder", exc) from exc
+    plain.cond_stage_model = plain.patcher.model
+    log.info("%s: training on a copy of the text encoder without Dynamic VRAM", node)
+    return plain
+
+
 def _checkpoint_targets(module: torch.nn.Module):
     """The highest modules with their own forward below the containers (the host trainer's choice of segments)."""
     for child in module.children():

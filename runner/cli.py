@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--models", default=None, help="models folder (default: the StoryKit cache)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--verbose", action="store_true")
+    from . import eval as evaluation
+    evaluation.register(sub)
     return parser
 
 
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("storykit").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
+        if getattr(args, "handler", None):
+            return args.handler(args)
         if args.command == "make-test-model":
             return _make_test_model(args)
         if args.command == "convert":
@@ -289,7 +293,7 @@ def register_tiny_loaders(nodes_module) -> None:
     with the outputs of Load Checkpoint (MODEL, CLIP, VAE) and one each for MODEL, CLIP and VAE."""
     if all(node_id in nodes_module.NODE_CLASS_MAPPINGS for node_id in TINY_NODES.values()):
         return
-    from comfy_api.latest import io
+    from ..nodes.v3 import io
 
     from . import testmodels
 
@@ -302,7 +306,10 @@ def register_tiny_loaders(nodes_module) -> None:
             def define_schema(cls):
                 return io.Schema(
                     node_id=node_id, display_name=title, category="StoryKit/dev",
-                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS)), io.Int.Input("seed", default=0)],
+                    description=f"Development only (--tiny-model): the seeded random-weight {role} of a model "
+                                "family, built from the host's own classes; pictures are noise.",
+                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS), tooltip="model family"),
+                            io.Int.Input("seed", default=0, tooltip="seed of the random weights")],
                     outputs=outputs)
 
             @classmethod
