@@ -35,7 +35,7 @@ STORY_PROMPT = "StoryKitStoryPrompt"
 ONE_PROMPT = "StoryKitOnePromptStoryEncode"
 TARGET_TYPES = f"{STORY_PROMPT} (Story Prompt) or {ONE_PROMPT} (One-Prompt-One-Story encoder)"
 SEED_INPUTS = ("seed", "noise_seed")
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._+-]{0,127})*$")
 RAY_HINT = "pip install 'storykit[ray]' (or pip install -r requirements-ray.txt)"
 
 
@@ -89,14 +89,15 @@ def _story(entry, where: str) -> Story:
                          "identity_prompt, frame_prompts")
     story_id = str(entry.get("id", ""))
     if not SAFE_ID.match(story_id):
-        raise BatchError(f"{where}: id {story_id!r} must be a folder name: letters, digits, '.', '_', '-'")
+        raise BatchError(f"{where}: id {story_id!r} must be a folder name (or folders joined by '/'): letters, "
+                         "digits, '.', '_', '+', '-'")
     frames = entry.get("frame_prompts")
     if isinstance(frames, str):
         frames = [line for line in frames.splitlines() if line.strip()]
     has_story, has_1p = entry.get("story") is not None, entry.get("identity_prompt") is not None
-    if has_story == has_1p or (has_1p and not frames):
-        raise BatchError(f"{where} ({story_id}): give either 'story' (Story Prompt syntax) or 'identity_prompt' "
-                         "and 'frame_prompts'")
+    if not (has_story or has_1p) or (has_1p and not frames):
+        raise BatchError(f"{where} ({story_id}): give 'story' (Story Prompt syntax) or 'identity_prompt' and "
+                         "'frame_prompts' (or both: each fills the nodes it fits)")
     seed = entry.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise BatchError(f"{where} ({story_id}): seed must be a whole number >= 0, not {seed!r}")
@@ -200,7 +201,7 @@ class Job:
             text = "\n".join([f"[Hero] {story.identity_prompt}", *(f"[Hero] {f}" for f in story.frame_prompts)])
             return self.fill(Story(story.id, text, story.seed, story.set))
         if self.targets[ONE_PROMPT]:
-            if story.story is not None:
+            if story.identity_prompt is None:
                 identity, lines = _as_one_prompt(story, plan or story_plan.parse_story(story.story, "", 1))
             else:
                 identity, lines = story.identity_prompt, story.frame_prompts
@@ -342,7 +343,8 @@ class Manifest:
         record = result["record"]
         if record["status"] == "done":
             target = self.folder / record["story_id"]
-            staging = Path(tempfile.mkdtemp(prefix=f".{record['story_id']}.", dir=self.folder))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
             for rel, data in result["files"].items():
                 atomic_write_bytes(staging / rel, data)
             if target.exists():

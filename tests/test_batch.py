@@ -22,13 +22,13 @@ WORKFLOW = PACK_DIR / "workflows" / "storykit_csa_sd15.json"
 SMALL = ["4.width=64", "4.height=64", "5.steps=1", "9.page_width=256", "9.font_size=10"]
 STORIES = [
     {"id": "mia", "story": "[Mia] a woman with short red hair\n[Mia] reads a letter # Morning.\n[Mia] runs", "seed": 1},
-    {"id": "otto", "story": "[Otto] an old man with a beard\n[Otto] feeds pigeons\n[Otto] sleeps", "seed": 2},
+    {"id": "series+/otto", "story": "[Otto] an old man with a beard\n[Otto] feeds pigeons\n[Otto] sleeps", "seed": 2},
     {"id": "broken", "story": "[Mia] a woman\n[Mia] waves\n[Bob] eats soup # Bob has no character line."},
     {"id": "fox", "identity_prompt": "a fox in a red scarf", "frame_prompts": ["jumps", "hides"], "seed": 3},
     {"id": "lena", "story": "[Lena] a girl in a green coat\n[Lena] climbs a hill\n[Lena] looks at the sea",
      "set": {"5.cfg": 3.0}},
 ]
-DONE = {"mia", "otto", "fox", "lena"}
+DONE = {"mia", "series+/otto", "fox", "lena"}
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install 'storykit[ray]' to run the Ray batch tests")
 
@@ -46,7 +46,7 @@ def manifest(folder: Path) -> dict[str, dict]:
 
 
 def pictures(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.glob("*/*.png"))}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
 def forget(folder: Path, ids: set[str]) -> None:
@@ -104,12 +104,12 @@ def test_local_resume_runs_only_what_is_missing(host, local_batch, stories_file,
     out = tmp_path / "batch"
     shutil.copytree(local_batch, out)
     before = pictures(out)
-    forget(out, {"otto", "lena"})
+    forget(out, {"series+/otto", "lena"})
     started = []
     records = batch.run_batch(batch.load_stories(stories_file), config(), out, resume=True, quiet=True,
                               on_event=lambda kind, story_id, *_: kind == "story_started" and started.append(story_id))
-    assert sorted(started) == ["broken", "lena", "otto"]  # the failed story runs again; done ones do not
-    assert {r["story_id"] for r in records} == {"broken", "lena", "otto"}
+    assert sorted(started) == ["broken", "lena", "series+/otto"]  # the failed story runs again; done ones do not
+    assert {r["story_id"] for r in records} == {"broken", "lena", "series+/otto"}
     assert {k for k, r in manifest(out).items() if r["status"] == "done"} == DONE
     assert pictures(out) == before
 
@@ -151,7 +151,7 @@ def test_a_workflow_with_nothing_to_fill_names_the_node_types(host, stories_file
 def test_bad_stories_files(tmp_path, capsys):
     cases = {"dup.json": ([{"id": "a", "story": "x"}, {"id": "a", "story": "y"}], "appears twice"),
              "slash.json": ([{"id": "../a", "story": "x"}], "folder name"),
-             "both.json": ([{"id": "a"}], "either 'story'"),
+             "both.json": ([{"id": "a"}], "give 'story'"),
              "typo.json": ([{"id": "a", "story": "x", "seeds": 3}], "unknown field")}
     for name, (data, message) in cases.items():
         (tmp_path / name).write_text(json.dumps(data))
