@@ -13,15 +13,25 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     """Write to a temp file beside `path`, then rename: a cancelled or failed write never leaves a half file, and an
     existing file is never replaced unless `overwrite`."""
     import safetensors.torch
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _write_then_rename(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata or {}),
+                              overwrite)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """`data` into `path` as atomic_save_safetensors writes: whole or not at all, never over a file unless asked."""
+    return _write_then_rename(path, lambda tmp: Path(tmp).write_bytes(data), overwrite)
+
+
+def _write_then_rename(path: str | os.PathLike, write, overwrite: bool) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"StoryKit: refusing to overwrite {path}; choose another name")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata or {})
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file the user saves

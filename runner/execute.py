@@ -276,15 +276,21 @@ def _explain(err: dict, node_id="NODE") -> str:
     return f"{message}: {details}" if details else message
 
 
-def run_prompt(host, prompt: dict, quiet: bool = False, stream=None) -> RunResult:
-    """Validate and execute; raise PromptFailed unless every output node ran."""
+def run_prompt(host, prompt: dict, quiet: bool = False, stream=None, keep: dict | None = None) -> RunResult:
+    """Validate and execute; raise PromptFailed unless every output node ran. `keep`: a dict the caller holds to
+    reuse one executor across runs, as the host's own prompt worker does (its cache keeps loaded models)."""
     import comfy.utils
     execution = host.execution
     prompt_id = str(uuid.uuid4())
     outputs = validate(execution, prompt, prompt_id)
     server = _TerminalServer(prompt, stream=stream, quiet=quiet)
     server.last_prompt_id = prompt_id  # as main.py's prompt_worker does
-    executor = make_executor(execution, server, Path(host.path) / "main.py")
+    executor = (keep or {}).get("executor")
+    if executor is None:
+        executor = make_executor(execution, server, Path(host.path) / "main.py")
+        if keep is not None:
+            keep["executor"] = executor
+    executor.server = server
     previous_hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
     start = time.perf_counter()

@@ -34,6 +34,13 @@ def test_run_saves_images_and_exits_zero(host, tmp_path, capsys):
     assert api["5"]["inputs"]["steps"] == 2 and api["1"]["class_type"] == cli.TINY_LOADER
 
 
+def test_only_the_runners_progress_bar_shows(host, tmp_path, capsys):
+    rc = cli.main(["run", BASIC, "--tiny-model", "sd15", "--output", str(tmp_path), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 0 and "[5] KSampler |" in err and "2/2" in err
+    assert "it/s" not in err and "s/it" not in err, err  # the host's tqdm bar of the same sampler
+
+
 def test_repeat_applies_seed_controls(host, tmp_path, capsys):
     wf = json.loads(Path(BASIC).read_text())
     next(n for n in wf["nodes"] if n["id"] == 5)["widgets_values"][1] = "increment"
@@ -150,10 +157,25 @@ def test_demo_runs_the_story_workflow(host, tmp_path, capsys):
 def test_quick_settings_shrink_sizes_and_steps():
     prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 128, "batch_size": 1}},
               "2": {"class_type": "KSampler", "inputs": {"steps": 30, "seed": 1}},
-              "3": {"class_type": "StoryKitTrainDreamBooth", "inputs": {"steps": 400}}}
+              "3": {"class_type": "StoryKitTrainDreamBooth",
+                    "inputs": {"steps": 400, "resolution": 512, "num_class_images": 100, "class_sample_steps": 25}},
+              "4": {"class_type": "BasicScheduler", "inputs": {"steps": 20, "scheduler": "normal", "denoise": 1.0}},
+              "5": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["4", 0], "step": 15}},
+              "6": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 40, "start_at_step": 0, "end_at_step": 30}},
+              "7": {"class_type": "KSamplerAdvanced", "inputs": {"steps": 40, "start_at_step": 30, "end_at_step": 10000}},
+              "8": {"class_type": "StoryKitTrainTextualInversion", "inputs": {"steps": 1500, "resolution": 512}},
+              "9": {"class_type": "StoryKitStorySampler", "inputs": {"steps": ["10", 0]}},
+              "10": {"class_type": "SaveLoRA", "inputs": {"steps": 400}}}
     cli.quick_settings(prompt)
     assert prompt["1"]["inputs"] == {"width": 256, "height": 128, "batch_size": 1}
-    assert prompt["2"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["steps"] == 400
+    assert prompt["2"]["inputs"]["steps"] == 4 and prompt["4"]["inputs"]["steps"] == 4
+    assert prompt["3"]["inputs"] == {"steps": 4, "resolution": 256, "num_class_images": 2, "class_sample_steps": 4}
+    assert prompt["8"]["inputs"] == {"steps": 4, "resolution": 256}
+    assert prompt["5"]["inputs"]["step"] == 3  # 15 of 20 -> 3 of 4: the split stays three quarters in
+    # A base/refiner pair keeps meeting at the same step, and the refiner still runs to the end.
+    assert [prompt[n]["inputs"]["start_at_step"] for n in "67"] == [0, 3]
+    assert [prompt[n]["inputs"]["end_at_step"] for n in "67"] == [3, 10000]
+    assert prompt["9"]["inputs"]["steps"] == ["10", 0] and prompt["10"]["inputs"]["steps"] == 400
 
 
 CSA = str(PACK_DIR / "workflows" / "storykit_csa_sd15.json")
@@ -256,3 +278,17 @@ def test_signal_during_headless_training_saves_the_step_and_says_how_to_resume(h
     assert f"stopped by {signum}" in err and f"saved {saved[-1]}; resume with" in err, err[-3000:]
     assert f"--set 3.resume_from={saved[-1].name}" in err and len(saved) < 400
     assert not list(models.glob("embeddings/sig_hero*.safetensors"))  # no final file: the run did not finish
+
+
+
+@pytest.mark.parametrize("name", ["storykit_1p1s_sdxl", "storykit_train_ti", "storykit_train_dreambooth",
+                                  "storykit_transitions_wan", "storykit_csa_sdxl"])
+def test_quick_caps_every_step_count_of_the_shipped_workflows(host, tmp_path, name):
+    """`run --quick --save-api`: no steps input of the prompt that ran is above 4 (the run itself stops at validation:
+    the models are not there)."""
+    api = tmp_path / "api.json"
+    cli.main(["run", str(PACK_DIR / "workflows" / f"{name}.json"), "--quick", "--quiet", "--save-api", str(api)])
+    prompt = json.loads(api.read_text())
+    counts = {(nid, k): v for nid, e in prompt.items() for k, v in e["inputs"].items()
+              if k in ("steps", "class_sample_steps") and isinstance(v, int)}
+    assert counts and max(counts.values()) <= 4, counts
