@@ -7,7 +7,8 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import StoryKitExtension
+    from .nodes import StoryKitExtension, check_host_mode
+    check_host_mode()  # process isolation: fail here with the reason, not later in a patch
     return StoryKitExtension()
 
 

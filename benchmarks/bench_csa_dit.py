@@ -98,6 +98,33 @@ def block_case(frames, n_text, n_image, heads, dim, rate, repeats, attention, cs
     return times, peaks, diff
 
 
+def story_peak(attention, sites, csa_patch, frames_total: int, refs: int, batch: int, n_text: int, n_image: int,
+               heads: int, dim: int, steps: int) -> tuple[int, int]:
+    """Peak live tensor bytes over a whole story at one FLUX block: 3 references write the bank, readers read it
+    4 at a time, through the real override; the bank fp16 on the CPU."""
+    from measure import PeakTensorBytes
+    torch.manual_seed(0)
+    func = attention.optimized_attention
+    site = sites.JointAttention(sites.FAMILIES["Flux"], types.SimpleNamespace(patch_size=2), {("double", 0)})
+    state = csa_patch.ConsistentSelfAttention([0.5], 1e9, 0.0, seed=0, bank_dtype=torch.float16)
+    plan_refs = [csa_patch.StoryFrame(i, frozenset({"A"}), True) for i in range(refs)]
+    readers = list(range(refs, frames_total))
+    length = n_text + n_image
+    with PeakTensorBytes() as counter, torch.no_grad(), state.story_run():
+        for rows in [list(range(refs))] + [readers[i:i + batch] for i in range(0, len(readers), batch)]:
+            state.plan = plan_refs if rows[0] < refs else [csa_patch.StoryFrame(i, frozenset({"A"}), False)
+                                                           for i in rows]
+            for step in range(steps):
+                q, k, v = (torch.randn(len(rows), heads, length, dim) for _ in range(3))
+                options = {"block_type": "double", "block_index": 0, "cond_or_uncond": [0],
+                           "sigmas": torch.full((len(rows),), 1.0 - 0.1 * step)}
+                site.attention(state, (n_text, n_image), None, func, q, k, v, heads, skip_reshape=True, mask=None,
+                               transformer_options=options)
+                del q, k, v
+        bank = state.bank.nbytes()
+    return counter.peak, bank
+
+
 def bank_table(csa, sites, rate: float, steps: int = 28):
     say(f"\nBank per reference per step at 1024 px (4096 image tokens), rate {rate}, fp16 keys+values, default "
         f"blocks (the later half; single-stream blocks all), CFG halves of the template:")
@@ -136,6 +163,14 @@ def main() -> None:
     say(f"rate 1.0: image tokens of frame 0, ours vs attention over [own text ; own image ; all others' image] "
         f"from scratch: max abs difference {diff:.2e}")
     bank_table(csa, sites, opts.rate)
+    say(f"\nStory at one FLUX block ({n_text // 2} text + {n_image // 4} image tokens, 3 references together, then "
+        "readers 4 per batch, 2 steps, bank fp16 on the CPU; peak live tensor bytes over the whole story):")
+    peaks = {}
+    for frames in (7, 20, 100):
+        peaks[frames], bank = story_peak(attention, sites, csa_patch, frames, 3, 4, n_text // 2, n_image // 4,
+                                         heads, dim, 2)
+        say(f"  {frames:3d} frames: peak {peaks[frames] / 2 ** 20:.1f} MB, bank {bank / 2 ** 20:.1f} MB")
+    say(f"  100 frames / 7 frames: {peaks[100] / peaks[7]:.3f}")
 
 
 if __name__ == "__main__":

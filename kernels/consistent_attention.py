@@ -70,7 +70,7 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
                               bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
                               bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
-                              budget_bytes: int | None = None) -> torch.Tensor:
+                              budget_bytes: int | None = None, heads: int = 0) -> torch.Tensor:
     """Eq. (3)-(4): O_i = Attention(Q_i, K[I_i ; S_j, j in sources_i ; bank], V[...]) for every row i of q.
 
     q: [R, Nq, D], k, v: [R, L, D], projected. The queries may be a subset of a row's tokens (a DiT's image tokens,
@@ -78,7 +78,8 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     j != i whose sampled tokens samples[j] (indices into row j's L keys) frame i attends to. bank_k/bank_v: [M, D]
     projected bank tokens; bank_spans[i]: (start, length) slices of them for row i. Rows whose key/value length
     agrees are gathered and attended together; with `budget_bytes`, only as many rows per call as their gathered
-    keys and values fit in (at least one), so memory is bounded whatever the number of frames.
+    keys and values (and, with `heads`, their fp32 attention logits, for a host attention that makes them) fit in
+    (at least one), so memory is bounded whatever the number of frames.
     """
     rows, n_keys, dim = k.shape
     pool_k, pool_v = k.reshape(rows * n_keys, dim), v.reshape(rows * n_keys, dim)
@@ -98,7 +99,8 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return attention(q, k, v)
 
     def step(n_keys_of_group: int) -> int:
-        return rows if budget_bytes is None else rows_within(budget_bytes, n_keys_of_group, dim, k.element_size())
+        return rows if budget_bytes is None else rows_within(budget_bytes, n_keys_of_group, dim, k.element_size(),
+                                                             heads * q.shape[1])
 
     if len(groups) == 1 and step(next(iter(groups))) >= rows:  # the usual batch: one gather, one call, no scatter
         index = torch.stack([ix for _, ix in next(iter(groups.values()))]).to(k.device)
@@ -114,9 +116,53 @@ def consistent_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def rows_within(budget_bytes: int, n_keys: int, dim: int, element_size: int) -> int:
-    """How many rows of gathered keys and values ([rows, n_keys, dim] each) fit a memory budget (at least 1)."""
-    per_row = 2 * n_keys * dim * element_size
+def consistent_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention,
+                               sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
+                               bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
+                               bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                               budget_bytes: int | None = None) -> torch.Tensor:
+    """The same Eq. (3)-(4) on heads-first tensors, as DiTs hand them over: q [R, H, Nq, D] (a view of the image
+    queries is fine), k, v [R, H, L, D], bank_k/bank_v [H, M, D]. Keys of a row are its own L keys followed by the
+    sampled keys of its sources and its bank spans, gathered per row (no copy of the whole batch in another
+    layout); rows are attended as many per call as `budget_bytes` holds. Returns [R, Nq, H * D] as the host's
+    attention does."""
+    rows, heads, _, dim = k.shape
+    lengths = [k.shape[2] + sum(samples[j].numel() for j in sources[i])
+               + sum(length for _, length in (bank_spans[i] if bank_spans else ())) for i in range(rows)]
+    for i in range(rows):
+        if i in sources[i]:
+            raise ValueError(f"consistent self-attention: frame {i} may not sample its own tokens")
+
+    def keys_of(i: int, t: torch.Tensor, bank: torch.Tensor | None) -> torch.Tensor:
+        parts = [t[i]] + [t[j].index_select(1, samples[j].to(t.device)) for j in sources[i]]
+        parts += [bank[:, start:start + length].to(t.dtype) for start, length in (bank_spans[i] if bank_spans else ())]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    out = None
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    for length, members in groups.items():
+        size = rows if budget_bytes is None else rows_within(budget_bytes, length, heads * dim, k.element_size(),
+                                                             heads * q.shape[2])
+        for first in range(0, len(members), size):
+            chunk = members[first:first + size]
+            kk = torch.stack([keys_of(i, k, bank_k) for i in chunk])
+            vv = torch.stack([keys_of(i, v, bank_v) for i in chunk])
+            qq = q[chunk[0]:chunk[-1] + 1] if chunk == list(range(chunk[0], chunk[-1] + 1)) else q[chunk]
+            part = attention(qq, kk, vv)
+            if len(groups) == 1 and len(chunk) == rows:
+                return part
+            if out is None:
+                out = part.new_empty(rows, *part.shape[1:])
+            out[chunk] = part
+    return out
+
+
+def rows_within(budget_bytes: int, n_keys: int, dim: int, element_size: int, logit_rows: int = 0) -> int:
+    """How many rows of gathered keys and values ([rows, n_keys, dim] each), plus `logit_rows` x n_keys fp32 logits
+    per row (heads x queries, where the host's attention materialises them), fit a memory budget (at least 1)."""
+    per_row = 2 * n_keys * dim * element_size + logit_rows * n_keys * 4
     return max(1, budget_bytes // max(per_row, 1))
 
 

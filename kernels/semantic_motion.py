@@ -249,23 +249,66 @@ def save_predictor(predictor: SemanticMotionPredictor, path: str, **extra) -> st
     return path
 
 
-def read_metadata(path: str) -> dict:
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+CONFIG_TYPES = {"embed_dim": int, "tokens": int, "hidden": int, "layers": int, "heads": int,
+                "mlp_ratio": (int, float), "embedding": str, "extra": dict}
+
+
+def _config(raw: str, name: str) -> PredictorConfig:
+    """The config in a file's metadata, checked field by field before anything is built from it."""
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        fields = None
+    bad = "it is not a JSON object" if not isinstance(fields, dict) else next(
+        (f"{k}={v!r}" for k, v in fields.items()
+         if k not in CONFIG_TYPES or isinstance(v, bool) or not isinstance(v, CONFIG_TYPES[k])
+         or (isinstance(v, float) and not 0 < v < 64)), None)
+    if bad:
+        raise ValueError(f"{name}: the predictor config in its metadata is damaged ({bad}); save the predictor "
+                         "again with the StoryKit saver or trainer")
+    return PredictorConfig(**fields).validate()
+
+
+def read_metadata(path: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(metadata with the config checked, {tensor name: shape}) from the header alone: no tensor is read."""
+    from safetensors import SafetensorError, safe_open
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{name} is not a readable safetensors file ({exc}); the file is damaged or is not a "
+                         "predictor") from None
     if METADATA_KEY not in meta:
-        raise ValueError(f"{os.path.basename(path)} is not a Semantic Motion Predictor file (no {METADATA_KEY} in "
+        raise ValueError(f"{name} is not a Semantic Motion Predictor file (no {METADATA_KEY} in "
                          "its metadata): save predictors with the StoryKit saver or trainer")
-    out = {k[len("storykit."):]: json.loads(v) for k, v in meta.items() if k.startswith("storykit.")}
-    out["config"] = json.loads(meta[METADATA_KEY])
-    return out
+    out = {}
+    for key, value in meta.items():
+        if key.startswith("storykit.") and key != METADATA_KEY:
+            try:
+                out[key[len("storykit."):]] = json.loads(value)
+            except ValueError:
+                raise ValueError(f"{name}: its metadata {key} is damaged; save the predictor again") from None
+    out["config"] = _config(meta[METADATA_KEY], name)
+    return out, shapes
 
 
 def load_predictor(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """-> (predictor in eval mode, metadata dict). Weights load exactly as saved (strict)."""
+    """-> (predictor in eval mode, metadata dict). The config is checked against the tensors' shapes (on the meta
+    device, so nothing is allocated) before the model is built; weights load exactly as saved (strict)."""
     from safetensors.torch import load_file
-    meta = read_metadata(path)
-    predictor = SemanticMotionPredictor(PredictorConfig(**meta["config"]))
+    meta, shapes = read_metadata(path)
+    config = meta["config"]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SemanticMotionPredictor(config).state_dict().items()}
+    if expected != shapes:
+        key = next(k for k in sorted(expected.keys() | shapes.keys()) if expected.get(k) != shapes.get(k))
+        raise ValueError(f"{os.path.basename(path)}: its tensors do not match its config (at {key}: the file holds "
+                         f"{shapes.get(key)}, the config wants {expected.get(key)}); the file is damaged or was "
+                         "not written by StoryKit")
+    predictor = SemanticMotionPredictor(config)
     predictor.load_state_dict(load_file(path, device=str(device)), strict=True)
     predictor.to(device=device, dtype=dtype).eval()
+    meta["config"] = asdict(config)
     return predictor, meta

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 NO_CHARACTER = "NC"
 TAG = re.compile(r"\[([^\[\]]+)\]")
+INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")  # zero-width and format characters
+DESCRIPTION_START = re.compile(r"(a|an)\s", re.IGNORECASE)  # "[Lena] a woman ..." reads like a description
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,38 @@ def apply_style(template: str, prompt: str) -> str:
     return f"{prompt}, {template}"
 
 
+def split_caption(line: str) -> tuple[str, str]:
+    """'body # caption' -> (body, caption) at the last '#' not written as '\\#'; '\\#' becomes a literal '#'."""
+    cut = line.rfind("#")
+    while cut > 0 and line[cut - 1] == "\\":
+        cut = line.rfind("#", 0, cut - 1)
+    body, caption = (line[:cut], line[cut + 1:]) if cut >= 0 else (line, "")
+    return body.replace("\\#", "#").strip(), caption.replace("\\#", "#").strip()
+
+
+def _check_tags(where: str, body: str) -> list[str]:
+    """The [Name] tags of a line, stripped; a stray bracket or a blank or invisible name is an error."""
+    tags = [t.strip() for t in TAG.findall(body)]
+    rest = TAG.sub("", body)
+    if "[" in rest or "]" in rest:
+        raise _fail(where, "a '[' or ']' is not part of a [Name]",
+                    "Names cannot contain brackets and descriptions cannot use them: remove the stray bracket.")
+    for tag in tags:
+        if not INVISIBLE.sub("", tag).strip():
+            raise _fail(where, f"[{tag}] is a blank name", "Give the character a name, e.g. '[Lena]'.")
+        if INVISIBLE.search(tag):
+            raise _fail(where, f"the name [{INVISIBLE.sub('', tag)}] holds invisible characters (zero-width spaces)",
+                        "Retype the name without them.")
+    return tags
+
+
 def parse_story(text: str, style: str = "", references_per_character: int = 2,
                 reference_mode: str = "auto") -> StoryPlan:
     """Parse the story text; raise ValueError naming the line and the fix for every malformed part.
 
     reference_mode "auto": each character's first frames where it appears alone (then frames it shares) are its
     references. "first": the first `references_per_character` frames of the story are the references, as in the
-    StoryDiffusion app; each must show a character.
+    StoryDiffusion app; each must show a character. Time and memory are linear in the length of the text.
     """
     if references_per_character < 1:
         raise _fail("references", "needs at least 1 reference frame per character", "Set it to 1 or more.")
@@ -74,13 +101,14 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
     canonical: dict[str, str] = {}
     defined_on: dict[str, int] = {}
     frames: list[Frame] = []
+    notes: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
-        body, caption = (line.rsplit("#", 1) + [""])[:2] if "#" in line else (line, "")
-        body, caption = body.strip(), caption.strip()
         where = f"line {number} ({line[:40]}{'...' if len(line) > 40 else ''})"
+        body, caption = split_caption(line)
+        tags = _check_tags(where, body)
         head = re.match(r"^\[([^\[\]]+)\]\s*(.*)$", body)
         if not frames and head and head.group(1).strip().upper() != NO_CHARACTER \
                 and head.group(1).strip().lower() not in canonical:
@@ -90,26 +118,27 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
                             f"Write what [{name}] looks like after the name, e.g. '[{name}] a man with a grey beard'.")
             if caption:
                 raise _fail(where, f"the character line [{name}] has a caption ('# {caption}')",
-                            "Captions belong on frame lines; remove the '#' part.")
+                            "Captions belong on frame lines; remove the '#' part (write '\\#' for a literal '#').")
+            if len(tags) > 1:
+                raise _fail(where, f"the description of [{name}] contains [{tags[1]}]",
+                            "A description says what the character looks like; it cannot name characters or [NC]. "
+                            "Remove the tag.")
             canonical[name.lower()] = name
             characters[name] = description
             defined_on[name] = number
             continue
-        names: list[str] = []
+        names: dict[str, None] = {}
         no_character = False
-        for tag in TAG.findall(body):
-            key = tag.strip()
+        for key in tags:
             if key.upper() == NO_CHARACTER:
                 no_character = True
                 continue
             if key.lower() not in canonical:
-                known = ", ".join(f"[{n}]" for n in characters) or "none yet"
+                known = ", ".join(f"[{n}]" for n in list(characters)[:10]) or "none yet"
                 raise _fail(where, f"the frame names [{key}], who has no character line",
                             f"Add a line '[{key}] description' before the first frame, or fix the name "
-                            f"(characters: {known}).")
-            name = canonical[key.lower()]
-            if name not in names:
-                names.append(name)
+                            f"(characters: {known}{', ...' if len(characters) > 10 else ''}).")
+            names.setdefault(canonical[key.lower()], None)
         if no_character and names:
             raise _fail(where, "[NC] (no character) is on a frame that also names "
                         + ", ".join(f"[{n}]" for n in names), "Remove [NC] or the character names.")
@@ -124,23 +153,30 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
             raise _fail(where, "the frame is empty", "Describe what happens in it, or delete the line.")
         if not prompt:
             raise _fail(where, "the frame has no prompt", "Describe what happens in it, or delete the line.")
+        if not frames and head and head.group(1).strip().lower() in canonical and DESCRIPTION_START.match(scene):
+            name = canonical[head.group(1).strip().lower()]
+            notes.append(f"line {number}: [{name}] is already described on line {defined_on[name]}, so this line is "
+                         f"the first frame; if it was meant as {name}'s description, join it to line "
+                         f"{defined_on[name]} (a character is described once)")
         frames.append(Frame(index=len(frames), prompt=apply_style(style, prompt), characters=tuple(names),
                             caption=caption, line=number))
     if not frames:
         raise _fail("story", "there are no frame lines" if characters else "the story is empty",
                     "Write one frame per line after the character lines, e.g. '[Lena] reads a letter # Caption'.")
-    unused = [n for n in characters if not any(n in f.characters for f in frames)]
+    mentioned = {name for f in frames for name in f.characters}
+    unused = [n for n in characters if n not in mentioned]
     if unused:
         first = unused[0]
         raise _fail(f"line {defined_on[first]}", f"[{first}] has a character line but no frame mentions [{first}]",
                     f"Mention [{first}] in a frame, delete the line, or if line {defined_on[first]} was meant as a "
                     "frame, fix the name in it.")
-    plan = StoryPlan(characters=characters, frames=frames, references_per_character=references_per_character)
-    plan.frames = _mark_references(plan, reference_mode)
+    plan = StoryPlan(characters=characters, frames=frames, references_per_character=references_per_character,
+                     notes=notes)
+    plan.frames = _mark_references(plan, reference_mode, defined_on)
     return plan
 
 
-def _mark_references(plan: StoryPlan, mode: str) -> list[Frame]:
+def _mark_references(plan: StoryPlan, mode: str, defined_on: dict[str, int]) -> list[Frame]:
     count = plan.references_per_character
     chosen: set[int] = set()
     if mode == "first":
@@ -150,19 +186,23 @@ def _mark_references(plan: StoryPlan, mode: str) -> list[Frame]:
                             f"reference slots (the first {count} frames)",
                             "Move the [NC] frame later, or lower 'references per character'.")
             chosen.add(frame.index)
+        in_references = {name for i in chosen for name in plan.frames[i].characters}
         for name in plan.characters:
-            if not any(name in plan.frames[i].characters for i in chosen):
-                raise _fail("references", f"[{name}] is in none of the first {count} frames, the reference frames",
-                            f"Move a frame showing [{name}] to the top, raise 'references per character', or use "
-                            "the 'auto' reference mode.")
+            if name not in in_references:
+                raise _fail(f"line {defined_on[name]}", f"[{name}] is in none of the first {count} frames, the "
+                            f"reference frames", f"Move a frame showing [{name}] to the top, raise 'references per "
+                            "character', or use the 'auto' reference mode.")
     elif mode == "auto":
+        solo: dict[str, list[int]] = {name: [] for name in plan.characters}
+        shared: dict[str, list[int]] = {name: [] for name in plan.characters}
+        for f in plan.frames:
+            for name in f.characters:
+                (solo if len(f.characters) == 1 else shared)[name].append(f.index)
         for name in plan.characters:
-            solo = [f.index for f in plan.frames if f.characters == (name,)]
-            shared = [f.index for f in plan.frames if name in f.characters and len(f.characters) > 1]
-            picked = (solo + shared)[:count]
-            if len(solo) < count:
-                plan.notes.append(f"[{name}] appears alone in {len(solo)} frame(s); "
-                                  f"{len(picked) - min(len(solo), count)} shared frame(s) used as references")
+            picked = (solo[name] + shared[name])[:count]
+            if len(solo[name]) < count:
+                plan.notes.append(f"[{name}] appears alone in {len(solo[name])} frame(s); "
+                                  f"{len(picked) - min(len(solo[name]), count)} shared frame(s) used as references")
             chosen.update(picked)
     else:
         raise _fail("reference mode", f"unknown mode {mode!r}", "Use 'auto' or 'first'.")

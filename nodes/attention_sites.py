@@ -33,8 +33,10 @@ class SiteCall:
     image: slice                      # image-token positions on the key axis (the tokens other frames may share)
     sigma: float | None               # this step's sigma
     level: int = 0                    # resolution level, finest 0 (UNet); DiTs have one
-    to_kv: Callable | None = None     # stored bank tokens [M, C'] -> (k [M, C], v [M, C])
-    from_kv: Callable | None = None   # (k rows, v rows) -> tokens to store; None: the site captures elsewhere
+    to_kv: Callable | None = None     # stored bank tokens [M, C'] -> keys, values in the call's layout
+    take: Callable | None = None      # (row, token indices) -> [n, C'] tokens to store; None: captured elsewhere
+    heads: int = 0                    # > 0: q, k, v are heads-first [rows, heads, L, D]; 0: [rows, L, C]
+    n_heads: int = 0                  # attention heads (for the memory bound of a token-major call)
 
 
 def halves_of(options: dict, rows: int) -> list[tuple[int, slice]]:
@@ -118,8 +120,9 @@ class UNetSelfAttention:
     """UNet attn1: the patch captures normed hidden states for the bank, the replace attends with q, k, v."""
     family = "unet"
 
-    def __init__(self, layers: dict[tuple, torch.nn.Module]):
+    def __init__(self, layers: dict[tuple, torch.nn.Module], levels: int = 4):
         self.layers = layers
+        self.levels = levels      # resolution levels of the UNet (SD1.5 4, SDXL 3)
         self.technique = None
 
     def __deepcopy__(self, memo):
@@ -128,6 +131,18 @@ class UNetSelfAttention:
     @classmethod
     def blocks_of(cls, diffusion_model) -> dict[tuple, torch.nn.Module]:
         return unet_self_attention_layers(diffusion_model)
+
+    def bank_bytes(self, latent_shape, rate: float, element_size: int) -> int:
+        """Bytes per reference frame, CFG half and step: sampled normed hidden states of every selected layer (a
+        layer at resolution level l has the latent's H*W / 4^l tokens; level from its input block's depth)."""
+        from ..kernels import consistent_attention as csa
+        tokens = latent_shape[-1] * latent_shape[-2]
+        total = 0
+        for (kind, number, _), attn1 in self.layers.items():
+            width = attn1.to_k.in_features
+            level = _unet_level(kind, number, self.levels)
+            total += csa.sample_count(tokens // 4 ** level, rate) * width * element_size
+        return total
 
     def call(self, options: dict, rows: int, n_tokens: int) -> SiteCall | None:
         block = options.get("block")
@@ -145,7 +160,8 @@ class UNetSelfAttention:
         def to_kv(states):  # the bank holds normed hidden states: project them once for every reader
             states = states.unsqueeze(0)
             return attn1.to_k(states)[0], attn1.to_v(states)[0]
-        return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv)
+        return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv,
+                        n_heads=options.get("n_heads", 0))
 
     def install(self, patched, technique) -> None:
         self.technique = technique
@@ -158,7 +174,7 @@ class UNetSelfAttention:
         if self.technique.writing():
             call = self.call(extra, n.shape[0], n.shape[1])
             if call is not None:
-                self.technique.capture(call, n)
+                self.technique.capture(call, lambda row, index: n[row, index.to(n.device)])
         return n, context, value
 
     def replace(self, q, k, v, extra):
@@ -171,6 +187,16 @@ class UNetSelfAttention:
         call = self.call(extra, q.shape[0], q.shape[1])
         out = self.technique.attend(call, q, k, v, attend) if call is not None else None
         return attend(q, k, v) if out is None else out
+
+
+def _unet_level(kind: str, number: int, levels: int) -> int:
+    """Resolution level (0 = the latent's own) of a UNet block in the host's numbering: 3 blocks per level in the
+    input and output lists (the first input block is the stem), the middle block the deepest."""
+    if kind == "input":
+        return max(0, (number - 1) // 3)
+    if kind == "middle":
+        return levels - 1
+    return max(0, levels - 1 - number // 3)
 
 
 # ---------------------------------------------------------------------------------------------- DiT joint attention
@@ -237,6 +263,15 @@ class JointAttention:
             first, last = family.default.get(kind, (1.0, 1.0))
             chosen.update((kind, i) for i in range(int(math.floor(first * count)), int(math.ceil(last * count))))
         return chosen
+
+    def bank_bytes(self, latent_shape, rate: float, element_size: int) -> int:
+        """Bytes the bank takes per reference frame, CFG half and step: sampled keys + values of every selected
+        block (the latent's image tokens at this patch size; the width is the model's hidden size)."""
+        from ..kernels import consistent_attention as csa
+        width = next((getattr(self.diffusion_model, a) for a in ("hidden_size", "inner_dim", "dim")
+                      if isinstance(getattr(self.diffusion_model, a, None), int)), 0)
+        n_image = math.prod((side + self.patch - 1) // self.patch for side in latent_shape[-2:])
+        return len(self.blocks) * csa.sample_count(n_image, rate) * 2 * width * element_size
 
     def _text_tokens(self, context: torch.Tensor | None) -> int:
         n = 0 if context is None else context.shape[1]
@@ -307,17 +342,15 @@ class JointAttention:
             return run(*args, **kwargs)  # text-only or another sequence (SD3.5's image-only attn2): not ours
         image = slice(start, start + n_image)
         call = SiteCall(block, halves_of(options, q.shape[0]), image, sigma_of(options), 0,
-                        to_kv=_split_kv, from_kv=_join_kv)
+                        to_kv=functools.partial(_split_kv, q.shape[1] if split else 0),
+                        take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0,
+                        n_heads=heads or 0)
         if not technique.active(call):
             return run(*args, **kwargs)
-
-        def canonical(t):  # [B, L, heads * D]
-            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) if split else t
-
         rest = {key: value for key, value in kwargs.items() if key not in ("skip_reshape", "heads")}
 
         def attend(q_, k_, v_):
-            return run(q_, k_, v_, heads, *args[4:], skip_reshape=False, **rest)
+            return run(q_, k_, v_, heads, *args[4:], skip_reshape=split, **rest)
 
         # text queries (and reference-latent tokens after the image) first, before anything of ours is allocated:
         # the unpatched attention on the very same tensors, bit for bit
@@ -328,8 +361,7 @@ class JointAttention:
             if start else []
         tail = length - start - n_image
         after = run(q.narrow(axis, start + n_image, tail), k, v, *args[3:], **kwargs) if tail > 0 else None
-        out_image = technique.attend(call, canonical(q.narrow(axis, start, n_image)), canonical(k), canonical(v),
-                                     attend)
+        out_image = technique.attend(call, q.narrow(axis, start, n_image), k, v, attend)
         if out_image is None:
             return run(*args, **kwargs)
         pieces.append(out_image)
@@ -342,12 +374,21 @@ def _enter_block(options: dict, block: tuple, module, args):
     options["storykit_block"] = block
 
 
-def _join_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([k, v], dim=-1)
+def _take_kv(k: torch.Tensor, v: torch.Tensor, split: bool, row: int, index: torch.Tensor) -> torch.Tensor:
+    """One row's sampled keys and values, side by side, token-major: [n, 2C] (what the bank stores)."""
+    index = index.to(k.device)
+    if split:  # [rows, heads, L, D]
+        pick = [t[row].index_select(1, index).transpose(0, 1).reshape(index.numel(), -1) for t in (k, v)]
+    else:
+        pick = [t[row, index] for t in (k, v)]
+    return torch.cat(pick, dim=-1)
 
 
-def _split_kv(stored: torch.Tensor):
+def _split_kv(heads: int, stored: torch.Tensor):
+    """Stored [M, 2C] -> keys and values [M, C], or heads-first [heads, M, D] for a heads-first call."""
     k, v = stored.chunk(2, dim=-1)
+    if heads:
+        k, v = (t.reshape(t.shape[0], heads, -1).transpose(0, 1) for t in (k, v))
     return k, v
 
 

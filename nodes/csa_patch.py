@@ -26,9 +26,10 @@ NODE = "StoryKit Consistent Self-Attention"
 ATTACHMENT = "storykit_csa"
 LAYER_SETS = sites.UNET_LAYER_SETS
 EVERYONE = frozenset({"*"})
-# Gathered keys/values of one attention call stay within twice the call's own keys + values (at least 64 MB): the
-# frames are then attended in groups, so memory does not grow with the square of the batch.
-DEFAULT_BUDGET_FLOOR = 64 << 20
+# Gathered keys/values (and the logits a non-fused host attention makes) of one attention call stay within 64 MB,
+# or one frame's where that is more: frames are then attended a few (DiTs and SDXL at 1024 px: one) at a time, so
+# memory does not grow with the square of the batch, and the peak is near the reference's frame-by-frame loop.
+DEFAULT_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def parse_rates(text: str, default: float) -> list[float]:
                          "write e.g. '0.5, 0.5, 0.7' (finest resolution first) or leave it empty") from None
     bad = [r for r in rates if not 0.0 <= r <= 1.0]
     if bad:
-        raise ValueError(f"{NODE}: rate_per_level has {bad[0]}; rates are fractions of tokens between 0.0 and 1.0")
+        name = "rate_per_level" if parts else "sampling_rate"
+        raise ValueError(f"{NODE}: {name} has {bad[0]}; rates are fractions of tokens between 0.0 and 1.0")
     return rates
 
 
@@ -62,6 +64,7 @@ class ConsistentSelfAttention:
         self.attention_budget = attention_budget  # bytes of gathered keys/values per call; None: the default
         self.bank = csa.ReferenceBank(dtype=bank_dtype, storage=bank_storage)
         self.bank_characters: dict[int, frozenset] = {}
+        self.bank_enabled = True  # False: the story sampler re-runs the references beside each reader batch
         self.plan: list[StoryFrame] | None = None
         self.site = None
         self.holds = 0
@@ -132,30 +135,30 @@ class ConsistentSelfAttention:
             self._samples[key] = csa.sample_tokens(n_tokens, rate, csa.stable_seed(self.seed, frame, n_tokens, sigma))
         return self._samples[key]
 
-    def capture(self, call: sites.SiteCall, tokens: torch.Tensor) -> None:
+    def capture(self, call: sites.SiteCall, take) -> None:
         """Reference frames write S_j of this block and step to the bank (story runs only).
-        tokens: [rows, L, C] whose image span call.image is what gets sampled."""
+        take(row, token indices) gives a row's tokens to store; call.image is the span that gets sampled."""
         sigma = self._sigma(call)
-        if sigma is None or not self.writing():
+        if sigma is None or not self.writing() or not self.bank_enabled:
             return
         rate = self._rate(call)
         n_image = call.image.stop - call.image.start
         for half, rows in call.halves:
-            part = tokens[rows]
-            for row, frame in enumerate(self._frames(part.shape[0])):
+            for row, frame in enumerate(self._frames(rows.stop - rows.start)):
                 if frame.reference and frame.characters:
-                    index = (self._sample(frame.frame, n_image, rate, sigma) + call.image.start).to(part.device)
-                    self.bank.write(call.block, half, sigma, frame.frame, part[row, index])
+                    index = self._sample(frame.frame, n_image, rate, sigma) + call.image.start
+                    self.bank.write(call.block, half, sigma, frame.frame, take(rows.start + row, index))
                     self.bank_characters[frame.frame] = frame.characters
 
     def attend(self, call: sites.SiteCall, q, k, v, attend):
         """Consistent self-attention over each CFG half separately (uncond never sees cond); None when off.
-        q: [rows, Nq, C] image-token queries; k, v: [rows, L, C] every token of each row (canonical layout)."""
+        q: [rows, Nq, C] image-token queries, k, v: [rows, L, C] every token of each row; heads-first
+        ([rows, heads, ., D]) when call.heads."""
         sigma = self._sigma(call)
         if sigma is None:
             return None
-        if call.from_kv is not None and self.writing():
-            self.capture(call, call.from_kv(k, v))
+        if call.take is not None and self.writing():
+            self.capture(call, call.take)
         rate = self._rate(call)
         frames = self._frames(call.halves[0][1].stop - call.halves[0][1].start)
         if not self.window or len(frames) <= self.window:  # both halves in one batched call
@@ -197,10 +200,12 @@ class ConsistentSelfAttention:
         bank_k = bank_v = None
         if hidden:  # project (UNet) or split (DiT) the stored tokens once for every frame that reads them
             bank_k, bank_v = call.to_kv(torch.cat(hidden).to(q.dtype))
-        budget = self.attention_budget if self.attention_budget is not None else \
-            max(DEFAULT_BUDGET_FLOOR, 4 * k.numel() * k.element_size())
+        budget = self.attention_budget if self.attention_budget is not None else DEFAULT_BUDGET
+        if call.heads:
+            return csa.consistent_joint_attention(q, k, v, attend, sources, samples, bank_k, bank_v,
+                                                  spans if hidden else None, budget_bytes=budget)
         return csa.consistent_self_attention(q, k, v, attend, sources, samples, bank_k, bank_v,
-                                             spans if hidden else None, budget_bytes=budget)
+                                             spans if hidden else None, budget_bytes=budget, heads=call.n_heads)
 
 
 def model_site(model, layer_set: str = "decoder", blocks: str = "", node: str = NODE):
@@ -228,7 +233,7 @@ def model_site(model, layer_set: str = "decoder", blocks: str = "", node: str = 
     if not layers:
         raise ValueError(f"{node}: this UNet has no self-attention layers in '{blocks or layer_set}' "
                          "(try layers 'all')")
-    return sites.UNetSelfAttention(layers)
+    return sites.UNetSelfAttention(layers, max(1, len(getattr(diffusion_model, "output_blocks", ())) // 3))
 
 
 def patch_model(model, rates: list[float], layer_set: str, start_percent: float, end_percent: float,

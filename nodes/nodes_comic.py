@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from .v3 import io
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from ..kernels import layout as lay

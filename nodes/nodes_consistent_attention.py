@@ -6,7 +6,7 @@ import logging
 import math
 
 import torch
-from comfy_api.latest import io
+from .v3 import io
 
 from ..kernels import story_plan
 from . import csa_patch
@@ -100,7 +100,7 @@ class StoryPrompt(io.ComfyNode):
                                 tooltip="Character lines first: '[Name] what they look like'. Then one frame per "
                                         "line; [Name] in a frame is replaced by that description, several names "
                                         "make a frame with several characters, [NC] a frame with no character. "
-                                        "Text after '#' is the frame's caption."),
+                                        "Text after '#' is the frame's caption; write \\# for a literal '#'."),
                 io.Combo.Input("style", options=list(STYLES), default="(none)",
                                tooltip="A style template wrapped around every frame prompt (and its negative "
                                        "words added to the negative prompt)."),
@@ -233,6 +233,26 @@ def story_batches(plan: story_plan.StoryPlan, batch_size: int) -> list[list[int]
     return ref_batches + [readers[i:i + size] for i in range(0, len(readers), size)]
 
 
+def with_references(plan: story_plan.StoryPlan, batch: list[int]) -> list[int]:
+    """A reader batch preceded by the reference frames of its characters: sampled together, the readers see the
+    references' live tokens instead of the bank's (the pictures of the bank, at the cost of the references'
+    compute in every batch)."""
+    wanted = set().union(*(plan.frames[i].characters for i in batch))
+    refs = [r for r in plan.reference_indices() if set(plan.frames[r].characters) & wanted and r not in batch]
+    return refs + batch
+
+
+def bank_budget(gigabytes: float) -> int:
+    """The memory the bank may take: the given size, or by default half of the RAM free now."""
+    if gigabytes > 0:
+        return int(gigabytes * 1e9)
+    import psutil
+    return int(psutil.virtual_memory().available * BANK_SHARE_OF_FREE_RAM)
+
+
+BANK_SHARE_OF_FREE_RAM = 0.5
+
+
 class StorySampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -270,15 +290,26 @@ class StorySampler(io.ComfyNode):
                                      "on the number of references, not on the story's length."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 draws every frame from noise; lower keeps more of latent_image."),
+                io.Float.Input("bank_memory_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
+                               tooltip="How much memory the reference bank may take (0 = half of the free RAM). "
+                                       "A story whose bank would not fit re-runs its reference frames beside "
+                                       "every reader batch instead: the same pictures, more compute."),
+                io.Sampler.Input("sampler", optional=True,
+                                 tooltip="Optional SAMPLER (KSamplerSelect, or any sampler node), as "
+                                         "SamplerCustomAdvanced graphs use; replaces sampler_name."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="Optional SIGMAS (BasicScheduler, Flux2Scheduler, ...), as ComfyUI's own "
+                                        "DiT templates build them; replaces steps, scheduler and denoise."),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, story, latent_image, seed, seed_mode, steps, cfg, sampler_name,
-                scheduler, batch_size, denoise) -> io.NodeOutput:
+                scheduler, batch_size, denoise, bank_memory_gb=0.0, sampler=None, sigmas=None) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
+        import comfy.samplers
         import comfy.utils
 
         plan: story_plan.StoryPlan = story
@@ -300,29 +331,78 @@ class StorySampler(io.ComfyNode):
         seeds = [seed if seed_mode.startswith("same") else (seed + i) % 2 ** 64 for i in range(n_frames)]
         noise = torch.cat([comfy.sample.prepare_noise(per_frame[i:i + 1], seeds[i]) for i in range(n_frames)])
 
+        if sigmas is not None:
+            if sigmas.numel() < 2:
+                raise ValueError("StoryKit Story Sampler: sigmas holds fewer than 2 values: connect a scheduler "
+                                 "with at least 1 step")
+            steps = sigmas.numel() - 1
+        batches = [(rows, rows) for rows in story_batches(plan, batch_size)]
+        if state is not None and cls._bank_too_big(state, plan, per_frame.shape, steps, cfg, bank_memory_gb):
+            state.bank_enabled = False
+            refs = set(plan.reference_indices())
+            batches = [(rows, rows) if rows[0] in refs else (with_references(plan, rows), rows)
+                       for rows, _ in batches]
+        total = sum(len(rows) for rows, _ in batches) * steps
         result = torch.empty_like(per_frame)
-        progress = comfy.utils.ProgressBar(n_frames * steps)
+        progress = comfy.utils.ProgressBar(total)
         done = 0
-        with state.story_run() if state else contextlib.nullcontext():
-            for rows in story_batches(plan, batch_size):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                if state is not None:
-                    state.plan = [csa_patch.StoryFrame(i, frozenset(plan.frames[i].characters),
-                                                       plan.frames[i].reference) for i in rows]
-
-                def on_step(step, x0, x, total, done=done, size=len(rows)):
+        try:
+            with state.story_run() if state else contextlib.nullcontext():
+                for rows, keep in batches:
                     comfy.model_management.throw_exception_if_processing_interrupted()
-                    progress.update_absolute(done + (step + 1) * size, n_frames * steps)
+                    if state is not None:
+                        state.plan = [csa_patch.StoryFrame(i, frozenset(plan.frames[i].characters),
+                                                           plan.frames[i].reference) for i in rows]
 
-                out = comfy.sample.sample(model, noise[rows], steps, cfg, sampler_name, scheduler,
-                                          _frame_rows(positive, rows, n_frames), negative, per_frame[rows],
-                                          denoise=denoise, callback=on_step, disable_pbar=True, seed=seeds[rows[0]])
-                result[rows] = out.to(result.dtype)
-                done += len(rows) * steps
-                progress.update_absolute(done, n_frames * steps)
+                    def on_step(step, x0, x, total_steps, done=done, size=len(rows)):
+                        comfy.model_management.throw_exception_if_processing_interrupted()
+                        progress.update_absolute(done + (step + 1) * size, total)
+
+                    conds = _frame_rows(positive, rows, n_frames)
+                    if sigmas is None and sampler is None:
+                        out = comfy.sample.sample(model, noise[rows], steps, cfg, sampler_name, scheduler, conds,
+                                                  negative, per_frame[rows], denoise=denoise, callback=on_step,
+                                                  disable_pbar=True, seed=seeds[rows[0]])
+                    else:  # the SamplerCustomAdvanced pieces: a SAMPLER object and/or a SIGMAS schedule
+                        out = comfy.sample.sample_custom(
+                            model, noise[rows], cfg, sampler or comfy.samplers.sampler_object(sampler_name),
+                            sigmas if sigmas is not None else cls._sigmas(model, scheduler, steps, denoise),
+                            conds, negative, per_frame[rows], callback=on_step, disable_pbar=True,
+                            seed=seeds[rows[0]])
+                    result[keep] = out[[rows.index(i) for i in keep]].to(result.dtype)
+                    done += len(rows) * steps
+                    progress.update_absolute(done, total)
+        finally:
+            if state is not None:
+                state.bank_enabled = True
         output = {key: value for key, value in latent_image.items() if key not in ("noise_mask", "batch_index")}
         output["samples"] = result
         return io.NodeOutput(output)
+
+
+    @staticmethod
+    def _sigmas(model, scheduler: str, steps: int, denoise: float):
+        import comfy.samplers
+        sampling = model.get_model_object("model_sampling")
+        total = steps if denoise >= 1.0 else int(steps / max(denoise, 1e-4))
+        return comfy.samplers.calculate_sigmas(sampling, scheduler, total)[-(steps + 1):].cpu()
+
+    @staticmethod
+    def _bank_too_big(state, plan, latent_shape, steps: int, cfg: float, bank_memory_gb: float) -> bool:
+        """Print what the bank will take; True when it would not fit its budget (then the references re-run)."""
+        element = torch.finfo(state.bank.dtype).bits // 8 if state.bank.dtype is not None else 4
+        halves = 1 if cfg == 1.0 else 2  # at cfg 1 the host runs no uncond half
+        per_step = state.site.bank_bytes(latent_shape, max(state.rates), element) * halves
+        refs = len(plan.reference_indices())
+        need, budget = per_step * refs * steps, bank_budget(bank_memory_gb)
+        log.info("StoryKit Story Sampler: the bank takes %.1f MB per reference per step, %.2f GB for %d "
+                 "references x %d steps (budget %.2f GB)", per_step / 1e6, need / 1e9, refs, steps, budget / 1e9)
+        if need > budget and plan.reader_indices():
+            log.warning("StoryKit Story Sampler: a bank of %.2f GB would not fit in %.2f GB: the reference frames "
+                        "are re-run beside every reader batch instead (same pictures, more compute); keep fewer "
+                        "blocks, a shorter step range or a lower rate to use a bank", need / 1e9, budget / 1e9)
+            return True
+        return False
 
 
 NODES = [StoryPrompt, ConsistentSelfAttention, StorySampler]

@@ -9,7 +9,7 @@ import comfy.patcher_extension
 import comfy.sample
 import torch
 from comfy.ldm.modules import attention as host_attention
-from comfy_api.latest import io
+from .v3 import io
 
 from ..kernels import one_prompt_story as ops
 
@@ -407,6 +407,7 @@ class IPCAState:
         self.identity, self.exact, self.dropout, self.seed = identity, exact, dropout, seed
         self.generator: torch.Generator | None = None
         self.bias_cache: dict[tuple, torch.Tensor] = {}
+        self.copies: torch.Tensor | None = None  # bool [B, blocks] of the layer being run, from mark_copies
 
     def on_pre_run(self, patcher=None):
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -421,6 +422,27 @@ class IPCAState:
         if self.generator is None:
             self.on_pre_run()
         return ops.dropout_keep(shape, self.dropout, columns, self.generator)
+
+    # attn2_patch (both paths, first): which context_length blocks of each row's context repeat its first block.
+    # The host repeats a context to a common length (copies: the identity is in each); Conditioning Concat joins
+    # other prompts (not copies: no identity columns there).
+    def mark_copies(self, n, context, value, extra_options):
+        period = self.identity.context_length
+        blocks, rest = divmod(context.shape[1], period)
+        self.copies = None
+        if blocks > 1 and not rest:
+            view = context.view(context.shape[0], blocks, period, -1)
+            copies = (view == view[:, :1]).flatten(2).all(-1)
+            if not bool(copies.all()):
+                self.copies = copies
+                cond = [rows for kind, rows in row_runs(extra_options.get("cond_or_uncond") or [0], copies.shape[0])
+                        if kind == 0]
+                if self.exact and any(not bool(copies[rows].all()) for rows in cond):
+                    raise ValueError("StoryKit IPCA: the positive conditioning joins other prompts to One-Prompt "
+                                     "Story Encode's (Conditioning Concat); the concatenated path cannot place the "
+                                     "identity in them. Use the bias path, or wire the encoder's conditioning "
+                                     "straight to the sampler.")
+        return n, context, value
 
     # attn2_patch (concatenated path only): append P0's own encoding to every row's context
     def extend_context(self, n, context, value, extra_options):
@@ -446,13 +468,17 @@ class IPCAState:
             elif self.exact:
                 outs.append(self._concatenated(q[rows], k[rows], v[rows], length, heads, kwargs))
             else:
-                outs.append(self._biased(q[rows], k[rows], v[rows], heads, kwargs))
+                outs.append(self._biased(q[rows], k[rows], v[rows], heads, kwargs,
+                                         None if self.copies is None else self.copies[rows]))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    def _biased(self, q, k, v, heads, kwargs):
+    def _biased(self, q, k, v, heads, kwargs, copies=None):
         key = (k.shape[1], q.dtype, q.device)
-        if self.dropout > 0.0:
+        if self.dropout > 0.0 or copies is not None:
             columns = ops.identity_columns(k.shape[1], self.identity.identity_count, self.identity.context_length)
+            if copies is not None:  # identity columns only in the blocks that repeat the encoder's prompt
+                columns = columns & copies[:, torch.arange(k.shape[1]) // self.identity.context_length]
+                columns = columns.view(q.shape[0], 1, 1, -1)
             keep = self.keep((q.shape[0], 1, q.shape[1], k.shape[1]), columns)
             mask = ops.ipca_bias(columns, keep, dtype=q.dtype).to(q.device)
         elif key in self.bias_cache:
@@ -571,6 +597,7 @@ class IdentityPreservingCrossAttention(io.ComfyNode):
             if (name, number, index) in replaces:
                 log.warning("%s: replacing another attn2 patch on %s", node, (name, number, index))
             m.set_model_attn2_replace(state, name, number, index)
+        m.set_model_attn2_patch(state.mark_copies)
         if state.exact:
             m.set_model_attn2_patch(state.extend_context)
         m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, PATCH_KEY, state.on_pre_run)

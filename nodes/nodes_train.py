@@ -16,7 +16,7 @@ import comfy.sd
 import folder_paths
 import safetensors.torch
 import torch
-from comfy_api.latest import io
+from .v3 import io
 
 from ..kernels import training as tk
 from . import training as tr
@@ -77,12 +77,18 @@ def _encode(clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
     return cond, pooled
 
 
-def _prepare(model, clip, backprop_clip: bool) -> None:
-    """Load the models the host's way, then make the weights autograd passes through usable by it (values unchanged)."""
-    comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
-    for p in [model, clip.patcher] if backprop_clip else [model]:
+def _prepare(model, clip, backprop_clip: bool, node: str):
+    """Load what autograd passes through fully, the host's way, and make its weights usable by autograd (values
+    unchanged). Returns the MODEL and CLIP to train through: these, or copies without Dynamic VRAM (tr.resident)."""
+    model = tr.resident(model, node, "model")
+    if backprop_clip:
+        clip = tr.resident_clip(clip, node)
+    trained = [model, clip.patcher] if backprop_clip else [model]
+    comfy.model_management.load_models_gpu(trained, force_full_load=True)
+    for p in trained:
         tr.thaw(p.model)
         tr.freeze(p.model)
+    return model, clip
 
 
 def _subject_inputs(images: str, clip_tooltip: str) -> list:
@@ -183,7 +189,7 @@ def train_textual_inversion(model, clip, vae, images, *, token: str, initializer
         marked = [session.prompt_tokens(t) for t in templates]
         keys = session.embedding_keys()
         with tr.grad_mode():
-            _prepare(model, clip, backprop_clip=True)
+            model, clip = _prepare(model, clip, backprop_clip=True, node=node)
             latents = tr.encode_latents(model, vae, images, resolution, flips)
             params = {k: torch.nn.Parameter(v) for k, v in session.initial_rows(initializer_word, node).items()}
             optimizer = torch.optim.AdamW(params.values(), lr=learning_rate, weight_decay=0.0)
@@ -191,14 +197,14 @@ def train_textual_inversion(model, clip, vae, images, *, token: str, initializer
             start = 0
             resume = tr.resolve_resume(folder, resume_from, node)
             if resume is not None:
-                saved = safetensors.torch.load_file(str(resume))
+                saved = tr.read_checkpoint(resume, node)
                 for k, key in keys.items():
                     if key not in saved or saved[key].shape != params[k].shape:
                         raise ValueError(f"{node}: resume_from {resume.name} has no {key} rows of shape "
                                          f"{tuple(params[k].shape)}; use a checkpoint of this token and model")
                     params[k].data.copy_(saved[key])
-                history = tr.load_train_state(resume, [optimizer])
-                start = tr.checkpoint_step(resume)
+                history = tr.load_train_state(resume, [optimizer], node)
+                start = tr.checkpoint_step(resume, node)
             ms = model.model.model_sampling
 
             def save(step: int, path: Path | None = None) -> Path:
@@ -270,7 +276,7 @@ class StoryKitTrainTextualInversion(io.ComfyNode):
                 io.String.Input("custom_templates", multiline=True, default="a photo of {}\nan illustration of {}",
                                 tooltip="One caption per line, {} where the new word goes (used when templates is "
                                         "'custom')."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise, noise levels, captions and flips per step all follow this seed."),
                 io.Boolean.Input("random_flips", default=True, optional=True,
                                  tooltip="Mirror pictures at random (paper default); off for asymmetric subjects."),
@@ -282,7 +288,8 @@ class StoryKitTrainTextualInversion(io.ComfyNode):
                              tooltip="Write a checkpoint every N steps to embeddings/storykit_checkpoints (0: only "
                                      "at the end). Cancel also keeps the last finished step."),
                 io.String.Input("resume_from", default="", optional=True,
-                                tooltip="A checkpoint file name to continue from (empty: start fresh)."),
+                                tooltip="A checkpoint's file name in embeddings/ or embeddings/storykit_checkpoints to "
+                                        "continue from (empty: start fresh); paths out of those folders are refused."),
             ],
             outputs=[
                 io.Clip.Output(display_name="clip", tooltip="The same CLIP; wire your prompts to it so they are "
@@ -413,10 +420,11 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
     with torch.no_grad():
         encoded = {p: _encode(clip, _tokenize(clip, clip.tokenizer, p)) for p in (instance_prompt, class_prompt)}
     tokens = {p: _tokenize(clip, clip.tokenizer, p) for p in (instance_prompt, class_prompt)}
-    unet = model.model.diffusion_model
-    te = clip.cond_stage_model
+    base_model, base_clip = model, clip  # the graph's MODEL/CLIP: the outputs are clones of these
     with tr.grad_mode():
-        _prepare(model, clip, backprop_clip=train_text_encoder)
+        model, clip = _prepare(model, clip, backprop_clip=train_text_encoder, node=node)
+        unet = model.model.diffusion_model
+        te = clip.cond_stage_model
         latents = tr.encode_latents(model, vae, instance_images, resolution, flips)
         text = {k: (tr.clone_in(c), None if p is None else tr.clone_in(p)) for k, (c, p) in encoded.items()}
         prior = tr.clone_in(class_latents).float() if (prior_preservation and class_latents is not None) else None
@@ -448,8 +456,8 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
             resume = tr.resolve_resume(folder, resume_from, node)
             if resume is not None:
                 _load_loras(node, resume, {**loras, **te_loras})
-                history = tr.load_train_state(resume, [optimizer])
-                start = tr.checkpoint_step(resume)
+                history = tr.load_train_state(resume, [optimizer], node)
+                start = tr.checkpoint_step(resume, node)
             ms = model.model.model_sampling
 
             def state_dict() -> dict[str, torch.Tensor]:
@@ -508,8 +516,8 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
                 tr.run_steps(step_fn, start=start, total=steps, seed=seed, history=history, save=save,
                              save_every=save_every, label=node)
             final = save(steps, folder / f"{stem}.safetensors")
-            deltas = {f"diffusion_model.{k}": (full[k].detach() - originals[k].detach().float()).to(originals[k].dtype)
-                      for k in full}
+            deltas = {f"diffusion_model.{k}": (full[k].detach() - originals[k].detach().float()).to(
+                "cpu", originals[k].dtype) for k in full}  # patches stay on the CPU; the host moves them on load
             sd = lora_state_dict({**loras, **te_loras})
         finally:
             for h in handles:
@@ -518,12 +526,12 @@ def train_dreambooth(model, clip, vae, instance_images, *, identifier: str, clas
                 _set_param(unet, pname, p)
     # The MODEL/CLIP for the rest of the graph: exactly what the stock LoRA loader makes of the saved weights.
     if lora_mode:
-        out_model, out_clip = comfy.sd.load_lora_for_models(model, clip if te_loras else None, sd, 1.0, 1.0)
+        out_model, out_clip = comfy.sd.load_lora_for_models(base_model, base_clip if te_loras else None, sd, 1.0, 1.0)
     else:
-        out_model = model.clone()
+        out_model = base_model.clone()
         out_model.add_patches({k: (v,) for k, v in deltas.items()}, 1.0)
-        out_clip = comfy.sd.load_lora_for_models(None, clip, sd, 0.0, 1.0)[1] if te_loras else None
-    return out_model, out_clip or clip, final, history
+        out_clip = comfy.sd.load_lora_for_models(None, base_clip, sd, 0.0, 1.0)[1] if te_loras else None
+    return out_model, out_clip or base_clip, final, history
 
 
 def _set_param(root: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
@@ -532,7 +540,7 @@ def _set_param(root: torch.nn.Module, name: str, value: torch.nn.Parameter) -> N
 
 
 def _load_loras(node: str, path: Path, loras: dict[str, LoRA]) -> None:
-    saved = safetensors.torch.load_file(str(path))
+    saved = tr.read_checkpoint(path, node)
     for key, lora in loras.items():
         up, down = saved.get(f"{key}.lora_up.weight"), saved.get(f"{key}.lora_down.weight")
         if up is None or down is None or up.shape != lora.up.shape or down.shape != lora.down.shape:
@@ -590,7 +598,7 @@ class StoryKitTrainDreamBooth(io.ComfyNode):
                              tooltip="Training size: 512 for SD1.5, 1024 for SDXL."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less memory, ~30% slower."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds LoRA init, class pictures, noise and noise levels."),
                 io.String.Input("output_name", default="storykit_dreambooth",
                                 tooltip="File name in loras/ (LoRA) or checkpoints/ (full); never overwrites."),
@@ -606,7 +614,8 @@ class StoryKitTrainDreamBooth(io.ComfyNode):
                              tooltip="Checkpoint every N steps into <folder>/storykit_checkpoints (0: only at the "
                                      "end). Cancel also keeps the last finished step."),
                 io.String.Input("resume_from", default="", optional=True,
-                                tooltip="LoRA checkpoint to continue from (empty: start fresh)."),
+                                tooltip="A LoRA checkpoint's file name in loras/ or loras/storykit_checkpoints to continue "
+                                        "from (empty: start fresh); paths out of those folders are refused."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model for the rest of this graph."),

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from comfy_api.latest import io
+from .v3 import io
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -37,9 +37,11 @@ EMBEDDING_OF_LAYOUT = {"wan21": "penultimate_hidden_states", "svd": "image_embed
 
 def _register_folder() -> None:
     """The predictors' model folder: models/storykit_predictors (and models/storykit, which the runner knows)."""
-    if PREDICTOR_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[PREDICTOR_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, PREDICTOR_FOLDER)], {".safetensors"})
+    # The runner may have added its --models folder already (with no extension filter): keep it, add the default.
+    paths, exts = folder_paths.folder_names_and_paths.get(PREDICTOR_FOLDER, ([], set()))
+    default = os.path.join(folder_paths.models_dir, PREDICTOR_FOLDER)
+    folder_paths.folder_names_and_paths[PREDICTOR_FOLDER] = (
+        paths + ([default] if default not in paths else []), set(exts) | {".safetensors"})
     for path in folder_paths.folder_names_and_paths.get("storykit", ([], set()))[0]:
         folder_paths.add_model_folder_path(PREDICTOR_FOLDER, os.path.join(path, "predictors"))
 
@@ -72,11 +74,12 @@ class SemanticTrajectory:
 
 @dataclass
 class MotionPredictor:
-    """A Semantic Motion Predictor with its training record (steps done, loss history)."""
+    """A Semantic Motion Predictor with its training record (steps done, loss history, optimizer moments)."""
     model: smp.SemanticMotionPredictor
     step: int = 0
     losses: list[float] = field(default_factory=list)
     name: str = "predictor"
+    optimizer: dict | None = None   # AdamW's state_dict() after `step` steps: a resumed run continues exactly
 
 
 Trajectory = io.Custom("STORYKIT_TRAJECTORY")
@@ -414,9 +417,17 @@ class LoadMotionPredictor(io.ComfyNode):
         path = folder_paths.get_full_path(PREDICTOR_FOLDER, predictor_name)
         if path is None:
             raise ValueError(f"StoryKitLoadMotionPredictor: {predictor_name} is not in models/{PREDICTOR_FOLDER}")
-        net, meta = smp.load_predictor(path)
+        try:
+            net, meta = smp.load_predictor(path)
+        except ValueError as exc:
+            raise ValueError(f"StoryKitLoadMotionPredictor: predictor_name {predictor_name}: {exc}") from None
+        sidecar = training.state_path(path)
+        optimizer = None
+        if sidecar.is_file():  # written by the trainer beside its checkpoints
+            data = training.read_checkpoint(sidecar, "StoryKitLoadMotionPredictor", "the training state of")
+            optimizer = {"state": training.optimizer_state(data)}
         return io.NodeOutput(MotionPredictor(net, int(meta.get("step", 0)), list(meta.get("losses", [])),
-                                             os.path.splitext(os.path.basename(predictor_name))[0]))
+                                             os.path.splitext(os.path.basename(predictor_name))[0], optimizer))
 
 
 class SaveMotionPredictor(io.ComfyNode):
@@ -447,8 +458,11 @@ def predictor_dir() -> str:
 
 def save_record(predictor: MotionPredictor, folder: str, prefix: str, step: int | None = None) -> str:
     prefix = os.path.basename(prefix.strip()) or "storykit_smp"
-    return smp.save_predictor(predictor.model, safefiles.numbered_path(folder, prefix, step),
+    path = smp.save_predictor(predictor.model, safefiles.numbered_path(folder, prefix, step),
                               step=predictor.step, losses=predictor.losses[-2000:])
+    if predictor.optimizer is not None:
+        training.save_train_state(path, [predictor.optimizer], {}, predictor.step)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- story to video
@@ -557,8 +571,11 @@ def read_clip_folder(folder: str, node: str) -> list[torch.Tensor]:
     """
     from PIL import Image
 
-    if not os.path.isdir(folder):
-        raise ValueError(f"{node}: folder {folder!r} does not exist: give a folder of videos or of frame folders")
+    base = os.path.abspath(folder_paths.get_input_directory())
+    asked, folder = folder, os.path.abspath(os.path.join(base, folder.strip()))
+    if os.path.commonpath([base, folder]) != base or not os.path.isdir(folder):
+        raise ValueError(f"{node}: folder {asked!r} is not a folder in ComfyUI's input folder ({base}): put the "
+                         "videos or frame folders there and give the folder's name")
 
     def frames_of(paths):
         frames = []
@@ -625,7 +642,8 @@ class TrainMotionPredictor(io.ComfyNode):
                 io.Int.Input("clip_length", default=0, min=0, max=100000, optional=True,
                              tooltip="Split the clips batch into clips of this many frames (0: one clip)."),
                 io.String.Input("folder", default="", optional=True,
-                                tooltip="A folder of videos or of frame folders, one clip each."),
+                                tooltip="A folder in ComfyUI's input folder (its name, e.g. 'clips') holding videos or "
+                                        "frame folders, one clip each."),
                 Predictor.Input("predictor", optional=True,
                                 tooltip="Resume: continue training this predictor (its step count goes on)."),
             ],
@@ -689,7 +707,7 @@ def prepare_predictor(predictor, targets, embedding, layers, hidden, heads, seed
                              f"these clips give {tokens} x {dim}: use the same CLIP vision model and layout")
         net = smp.SemanticMotionPredictor(cfg)  # fresh parameters: the input predictor stays as it was
         net.load_state_dict({k: v.clone().float() for k, v in predictor.model.state_dict().items()})
-        return MotionPredictor(net, predictor.step, list(predictor.losses), predictor.name)
+        return MotionPredictor(net, predictor.step, list(predictor.losses), predictor.name, predictor.optimizer)
     net = smp.SemanticMotionPredictor(smp.PredictorConfig(
         embed_dim=dim, tokens=tokens, hidden=hidden, layers=layers, heads=heads, embedding=embedding))
     net.reset_parameters(seed)
@@ -704,17 +722,22 @@ def train(record: MotionPredictor, times, targets, steps, lr, batch_size, seed, 
     for p in net.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed + record.step)
+    if record.optimizer is not None and record.optimizer["state"]:  # copies: the input record stays as it was
+        state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                 for i, st in record.optimizer["state"].items()}
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     pbar = comfy.utils.ProgressBar(steps)
     try:
         for i in range(steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
+            gen = training.step_generator(seed, record.step)  # the same draws whether resumed or not
             pick = torch.randint(0, targets.shape[0], (min(batch_size, targets.shape[0]),), generator=gen)
             loss = smp.predictor_loss(net, times[pick].to(device), targets[pick].to(device), interpolation)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             record.step += 1
+            record.optimizer = opt.state_dict()  # the live moments, saved with every checkpoint
             record.losses.append(float(loss.detach()))
             pbar.update_absolute(i + 1, steps)
             if checkpoint_every and record.step % checkpoint_every == 0:
@@ -722,7 +745,9 @@ def train(record: MotionPredictor, times, targets, steps, lr, batch_size, seed, 
     except comfy.model_management.InterruptProcessingException:
         if record.losses:
             path = save_record(record, folder, name, record.step)
-            log.info("StoryKit: training cancelled at step %d; checkpoint %s", record.step, path)
+            log.warning("StoryKit: training cancelled at step %d; checkpoint %s", record.step, path,
+                        extra={"storykit_saved": path, "storykit_resume": "load it with Load Semantic Motion "
+                               "Predictor into this trainer's predictor input"})
         raise
     finally:
         net.eval().requires_grad_(False).to(comfy.model_management.unet_offload_device())

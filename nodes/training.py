@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 
 from ..kernels import training as tk
-from ..kernels.safefiles import atomic_save_safetensors
+from ..kernels.safefiles import atomic_save_safetensors, file_in_folders
 
 log = logging.getLogger("storykit")
 
@@ -58,6 +58,49 @@ def thaw(module: torch.nn.Module) -> None:
 def freeze(module: torch.nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- dynamic VRAM
+def is_dynamic(patcher) -> bool:
+    """Newer hosts' ModelPatcherDynamic (Dynamic VRAM, the default on recent NVIDIA installs) says so itself."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def _dynamic_error(node: str, what: str, exc: Exception) -> ValueError:
+    return ValueError(f"{node}: the {what} uses ComfyUI's Dynamic VRAM, which streams weights layer by layer and "
+                      f"cannot load them whole for training, and the host could not make a copy without it ({exc}). "
+                      "Load the checkpoint with the stock Load Checkpoint node, or start ComfyUI with "
+                      "--disable-dynamic-vram for training runs")
+
+
+def resident(patcher, node: str, what: str = "model"):
+    """The patcher to train through: this one, or, under Dynamic VRAM, the host's own copy without it.
+
+    ModelPatcherDynamic.load() asserts against full loads and casts weights per layer from pinned buffers, so autograd
+    cannot run through its weights. `clone(disable_dynamic=True)` is the host's way out: a plain ModelPatcher over a
+    freshly loaded copy of the same checkpoint (its cached_patcher_init), with this patcher's patches and options.
+    """
+    if not is_dynamic(patcher):
+        return patcher
+    try:
+        plain = patcher.clone(disable_dynamic=True)
+    except (RuntimeError, TypeError) as exc:
+        raise _dynamic_error(node, what, exc) from exc
+    log.info("%s: training on a copy of the %s without Dynamic VRAM", node, what)
+    return plain
+
+
+def resident_clip(clip, node: str):
+    """resident() for a CLIP: its text encoder module must be the one the non-dynamic patcher loads."""
+    if not is_dynamic(clip.patcher):
+        return clip
+    try:
+        plain = clip.clone(disable_dynamic=True)
+    except (RuntimeError, TypeError) as exc:
+        raise _dynamic_error(node, "text encoder", exc) from exc
+    plain.cond_stage_model = plain.patcher.model
+    log.info("%s: training on a copy of the text encoder without Dynamic VRAM", node)
+    return plain
 
 
 def _checkpoint_targets(module: torch.nn.Module):
@@ -202,12 +245,13 @@ def state_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_suffix(STATE_SUFFIX)
 
 
-def save_train_state(path: Path, optimizers: list[torch.optim.Optimizer], history: dict[str, list[float]],
-                     step: int) -> None:
-    """Optimizer moments and loss history beside a checkpoint (a suffix no loader lists), for an exact resume."""
+def save_train_state(path: Path, optimizers: list, history: dict[str, list[float]], step: int) -> None:
+    """Optimizer moments and loss history beside a checkpoint (a suffix no loader lists), for an exact resume.
+
+    optimizers: torch optimizers, or their state_dict()s."""
     tensors = {}
     for o, opt in enumerate(optimizers):
-        for index, state in opt.state_dict()["state"].items():
+        for index, state in (opt if isinstance(opt, dict) else opt.state_dict())["state"].items():
             for key, value in state.items():
                 tensors[f"opt{o}.{index}.{key}"] = torch.as_tensor(value)
     for name, values in history.items():
@@ -215,41 +259,71 @@ def save_train_state(path: Path, optimizers: list[torch.optim.Optimizer], histor
     atomic_save(tensors, state_path(path), {"storykit.step": str(step)})
 
 
-def load_train_state(path: Path, optimizers: list[torch.optim.Optimizer]) -> dict[str, list[float]]:
+def read_checkpoint(path: Path, node: str, what: str = "resume_from") -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, or an error that names the node, the input and the file."""
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{node}: {what} {Path(path).name} cannot be read ({exc}); the file is damaged: resume "
+                         "from an earlier checkpoint or start fresh") from None
+
+
+def load_train_state(path: Path, optimizers: list[torch.optim.Optimizer],
+                     node: str = "StoryKit training") -> dict[str, list[float]]:
     """Restore what save_train_state wrote (if it is there); returns the loss history."""
     sidecar = state_path(path)
     if not sidecar.is_file():
         log.warning("StoryKit training: %s has no %s file; optimizer moments start fresh", path, STATE_SUFFIX)
         return {}
-    data = safetensors.torch.load_file(str(sidecar))
-    for o, opt in enumerate(optimizers):
-        state: dict[int, dict] = {}
-        for key, value in data.items():
-            prefix, _, rest = key.partition(".")
-            if prefix == f"opt{o}":
-                index, _, name = rest.partition(".")
-                state.setdefault(int(index), {})[name] = value
-        if state:
-            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    data = read_checkpoint(sidecar, node, "the training state of resume_from")
+    try:
+        for o, opt in enumerate(optimizers):
+            state = optimizer_state(data, o)
+            if state:
+                opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{node}: the training state {sidecar.name} does not fit this run ({exc}); resume with "
+                         "the settings the checkpoint was trained with, or delete that file to start the optimizer "
+                         "fresh") from None
     return {k[len("history."):]: v.tolist() for k, v in data.items() if k.startswith("history.")}
 
 
-def checkpoint_step(path: Path) -> int:
-    meta = safetensors.safe_open(str(path), "pt").metadata() or {}
-    return int(meta.get("storykit.step", "0"))
+def optimizer_state(data: dict[str, torch.Tensor], o: int = 0) -> dict[int, dict]:
+    """Optimizer o's per-parameter state from a training-state file's tensors."""
+    state: dict[int, dict] = {}
+    for key, value in data.items():
+        prefix, _, rest = key.partition(".")
+        if prefix == f"opt{o}":
+            index, _, name = rest.partition(".")
+            state.setdefault(int(index), {})[name] = value
+    return state
+
+
+def checkpoint_step(path: Path, node: str = "StoryKit training") -> int:
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return int(meta.get("storykit.step", "0"))
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{node}: resume_from {Path(path).name} has no readable step ({exc}); resume from a "
+                         "checkpoint StoryKit saved") from None
 
 
 def resolve_resume(folder: Path, name: str, node: str) -> Path | None:
-    """A resume_from entry: empty for a fresh run, else a file name under the folder (or its checkpoints) or a path."""
+    """A resume_from entry: empty for a fresh run, else a file name in the folder or its checkpoints folder.
+
+    Paths out of those folders are refused with the same message as a missing or unreadable file, so the input
+    tells nothing about the rest of the machine.
+    """
     name = name.strip()
     if not name:
         return None
-    for candidate in (Path(name), folder / name, folder / CHECKPOINT_DIR / name):
-        for path in (candidate, candidate.with_name(candidate.name + ".safetensors")):
-            if path.is_file():
-                return path
-    raise ValueError(f"{node}: resume_from {name!r} is not a file in {folder} or {folder / CHECKPOINT_DIR}; "
-                     "give the checkpoint's file name (or leave it empty to start fresh)")
+    path = file_in_folders(name, [folder, folder / CHECKPOINT_DIR], ("", ".safetensors"))
+    if path is None:
+        raise ValueError(f"{node}: resume_from {name!r} is not a readable checkpoint in {folder} or "
+                         f"{folder / CHECKPOINT_DIR}; give the file name of a checkpoint there (or leave it empty "
+                         "to start fresh)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -296,14 +370,15 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
               history: dict[str, list[float]], save: Callable[[int], None], save_every: int, label: str) -> None:
     """Call step_fn for steps start..total-1 with progress and the current loss; checkpoint every save_every steps.
 
-    Cancel (the host's interrupt flag) is checked before each step: the run stops there, first saving a checkpoint
-    of the last finished step if it is newer than the last saved one, then the host's interrupt propagates.
+    Cancel (the host's interrupt flag) is checked before each step, and the host's progress hook raises it right
+    after a step: either way the run stops, first saving a checkpoint of the last finished step (labelled with the
+    number of steps its vectors, optimizer state and loss history hold) if it is newer than the last saved one.
     """
     bar = comfy.utils.ProgressBar(total)
     bar.update_absolute(start, total)
-    last_saved = start
+    last_saved = done = start
+    last_path = None
     preview_every = max(1, total // 25)
-    step = start
     try:
         for step in range(start, total):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -313,16 +388,18 @@ def run_steps(step_fn: Callable[[int, torch.Generator], dict[str, float]], *, st
                     raise ValueError(f"{label}: the loss became {value} at step {step + 1}; lower the learning "
                                      "rate (or turn bf16 off) and resume from the last checkpoint")
                 history.setdefault(key, []).append(value)
-            done = step + 1
+            done = step + 1  # from here on the state holds `done` steps, whatever raises next
             preview = ("JPEG", loss_curve(history, 256, 128), 256) if done % preview_every == 0 else None
             bar.update_absolute(done, total, preview)
             if done % max(1, preview_every) == 0 or done == total:
                 log.info("%s: step %d/%d loss %.5f", label, done, total, losses.get("loss", float("nan")))
             if save_every and done % save_every == 0 and done < total:
-                save(done)
+                last_path = save(done)
                 last_saved = done
     except comfy.model_management.InterruptProcessingException:
-        if step > last_saved:
-            log.info("%s: cancelled before step %d; saving the state after step %d", label, step + 1, step)
-            save(step)
+        if done > last_saved:
+            last_path = save(done)
+        if last_path is not None:
+            log.warning("%s: cancelled after step %d; saved %s", label, done, last_path,
+                        extra={"storykit_saved": str(last_path), "storykit_resume": "resume_from"})
         raise

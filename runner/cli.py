@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -39,21 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m storykit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
+    def common(p, batch=False):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                        help="override an input; NODE is a node id or title, VALUE is JSON or text (repeatable)")
         p.add_argument("--models", help="a models folder laid out like ComfyUI/models (checkpoints/, loras/, ...)")
-        p.add_argument("--output", default=None, help="where Save nodes write (default: the host's output folder)")
+        p.add_argument("--output", default="storykit-batch" if batch else None,
+                       help="the batch's folder (default ./storykit-batch)" if batch else
+                       "where Save nodes write (default: the host's output folder)")
         p.add_argument("--input", default=None, help="where Load Image nodes read (default: the host's input folder)")
         p.add_argument("--ckpt", help="use this checkpoint file name (or path) in every Load Checkpoint node")
         p.add_argument("--tiny-model", choices=TINY_KINDS,
                        help="replace the model loaders (Load Checkpoint, UNET, CLIP and VAE loaders) by small "
                             "random-weight models of that family (seconds on a CPU)")
         p.add_argument("--quick", action="store_true",
-                       help="smoke-run settings: latents at most 256 px, samplers at most 4 steps")
-        p.add_argument("--repeat", type=int, default=1,
-                       help="queue the workflow N times, applying seed controls (increment/randomize) in between")
-        p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
+                       help="smoke-run settings: latents and training pictures at most 256 px, every sampler, "
+                            "scheduler and trainer at most 4 steps, DreamBooth at most 2 class pictures")
+        if not batch:
+            p.add_argument("--repeat", type=int, default=1,
+                           help="queue the workflow N times, applying seed controls (increment/randomize) in between")
+            p.add_argument("--save-api", help="also write the API-format prompt that was run to this file")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--verbose", action="store_true", help="show the host's log")
 
@@ -67,6 +72,20 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"which shipped workflow (default {DEMO_WORKFLOW}: a story with Consistent Self-Attention)")
     common(demo)
 
+    batch = sub.add_parser("batch", help="run many stories through one workflow, here or on Ray; resumable",
+                           description="Each story fills the workflow's Story Prompt or One-Prompt-One-Story "
+                                       "encoder (text, seed, its own --set values) and lands in OUTPUT/<story id>/, "
+                                       "with a line in OUTPUT/manifest.jsonl.")
+    batch.add_argument("stories", help="a YAML/JSON list of {id, story, seed?, set?} (or identity_prompt and "
+                                       "frame_prompts), or a folder of .txt stories")
+    batch.add_argument("--workflow", required=True, help="the workflow to run per story (.json or .png)")
+    common(batch, batch=True)
+    batch.add_argument("--resume", action="store_true", help="run only the stories OUTPUT's manifest lacks as done")
+    batch.add_argument("--retries", type=int, default=2, help="reruns of a story whose run fails (default 2)")
+    batch.add_argument("--ray", action="store_true", help="run on a Ray cluster started here (one actor per GPU)")
+    batch.add_argument("--address", help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:10001")
+    batch.add_argument("--actors", type=int, help="Ray actors (default: one per GPU of the cluster, else 1)")
+
     convert = sub.add_parser("convert", help="turn a front-end workflow into the API format")
     convert.add_argument("workflow")
     convert.add_argument("-o", "--out", help="file to write (default: stdout)")
@@ -76,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--models", default=None, help="models folder (default: the StoryKit cache)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--verbose", action="store_true")
+    from . import eval as evaluation
+    evaluation.register(sub)
     return parser
 
 
@@ -83,15 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     # The host logs what this runner reports again in plainer words; its log is there with --verbose.
-    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # warnings still reach the runner's own checks (execute._IgnoredFiles), not the terminal
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.CRITICAL)
     logging.getLogger("storykit").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
+        if getattr(args, "handler", None):
+            return args.handler(args)
         if args.command == "make-test-model":
             return _make_test_model(args)
         if args.command == "convert":
             return _convert(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "batch":
+            return _batch(args)
         return _run(args, args.workflow)
     except (conv.WorkflowError, HostNotFound) as exc:
         sys.stderr.write(f"storykit: {exc}\n")
@@ -104,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 def _boot(args):
     from . import host
     models = getattr(args, "models", None)
-    return host.boot(models_dir=models, output_dir=getattr(args, "output", None),
-                     input_dir=getattr(args, "input", None))
+    h = host.boot(models_dir=models, output_dir=getattr(args, "output", None), input_dir=getattr(args, "input", None))
+    import comfy.utils
+    comfy.utils.set_progress_bar_enabled(False)  # the host's tqdm bars: the runner draws its own progress line
+    return h
 
 
 def _make_test_model(args) -> int:
@@ -143,24 +173,50 @@ def _demo(args) -> int:
     return _run(args, str(WORKFLOWS / f"{args.workflow}.json"))
 
 
-def quick_settings(prompt: dict, size: int = 256, steps: int = 4) -> None:
-    """Shrink a prompt for a smoke run: latent sizes to at most `size` px, sampler steps to at most `steps`."""
+# Nodes that make latents (or videos) of a given size, and nodes whose `steps` are not sampling steps.
+LATENT_SIZE_NODES = {"StoryKitStoryToVideo", "StoryKitSVDTransitionConditioning", "SVD_img2vid_Conditioning"}
+NOT_SAMPLING_STEPS = {"SaveLoRA"}
+TRAINERS = {"StoryKitTrainTextualInversion", "StoryKitTrainDreamBooth", "StoryKitTrainMotionPredictor",
+            "TrainLoraNode"}
+
+
+def quick_settings(prompt: dict, size: int = 256, steps: int = 4, class_images: int = 2) -> None:
+    """Shrink a prompt for a smoke run: latents and training pictures to at most `size` px, every sampling and
+    training step count to at most `steps` (KSamplerAdvanced start/end and SplitSigmas scaled with their steps),
+    DreamBooth's class pictures to at most `class_images`."""
+    scaled = {}  # node id -> (old steps, new steps), for the SplitSigmas fed by that scheduler
+
+    def cap(inputs, key, limit):
+        if isinstance(inputs.get(key), int) and not isinstance(inputs[key], bool) and inputs[key] > limit:
+            inputs[key] = limit
+
+    for node_id, entry in prompt.items():
+        inputs, kind = entry["inputs"], entry["class_type"]
+        if (kind.startswith("Empty") and "Latent" in kind) or kind in LATENT_SIZE_NODES:
+            cap(inputs, "width", size)
+            cap(inputs, "height", size)
+        if kind in TRAINERS:
+            cap(inputs, "resolution", size)
+            cap(inputs, "num_class_images", class_images)
+            cap(inputs, "class_sample_steps", steps)
+        old = inputs.get("steps")
+        if kind in NOT_SAMPLING_STEPS or not isinstance(old, int) or isinstance(old, bool) or old <= steps:
+            continue
+        inputs["steps"] = steps
+        scaled[node_id] = (old, steps)
+        for key in ("start_at_step", "end_at_step"):  # KSamplerAdvanced: same mapping, so chained stages still meet
+            if isinstance(inputs.get(key), int) and inputs[key] < old:
+                inputs[key] = round(inputs[key] * steps / old)
     for entry in prompt.values():
-        inputs = entry["inputs"]
-        if entry["class_type"].startswith("Empty") and "Latent" in entry["class_type"]:
-            for key in ("width", "height"):
-                if isinstance(inputs.get(key), int) and inputs[key] > size:
-                    inputs[key] = size
-        if isinstance(inputs.get("steps"), int) and inputs["steps"] > steps and "ampler" in entry["class_type"]:
-            inputs["steps"] = steps
+        link = entry["inputs"].get("sigmas")
+        if entry["class_type"] == "SplitSigmas" and isinstance(link, list) and str(link[0]) in scaled:
+            old, new = scaled[str(link[0])]
+            if isinstance(entry["inputs"].get("step"), int):
+                entry["inputs"]["step"] = round(entry["inputs"]["step"] * new / old)
 
 
-def _run(args, workflow: str) -> int:
-    from . import execute
-    h = _boot(args)
-    specs = conv.host_input_specs(h.nodes.NODE_CLASS_MAPPINGS)
-    converted = conv.to_api(conv.load_workflow_file(workflow), specs)
-    prompt = converted.prompt
+def prepare_prompt(h, args, prompt: dict) -> dict:
+    """--ckpt, --quick, --tiny-model and --set applied to an API prompt, in place (shared by run and batch)."""
     if args.ckpt:
         _use_checkpoint(h, prompt, args.ckpt)
     if getattr(args, "quick", False):
@@ -168,26 +224,91 @@ def _run(args, workflow: str) -> int:
     if args.tiny_model:
         substitute_tiny_models(h.nodes, prompt, args.tiny_model)
     conv.apply_overrides(prompt, args.overrides)
+    return prompt
+
+
+def _run(args, workflow: str) -> int:
+    from . import execute
+    h = _boot(args)
+    specs = conv.host_input_specs(h.nodes.NODE_CLASS_MAPPINGS)
+    converted = conv.to_api(conv.load_workflow_file(workflow), specs)
+    prompt = prepare_prompt(h, args, converted.prompt)
     if args.save_api:
         Path(args.save_api).write_text(json.dumps(prompt, indent=2) + "\n", encoding="utf-8")
     rng = random.Random()
+    stop = _StopOnSignal()
     for index in range(max(1, args.repeat)):
         if index:
             conv.apply_controls(prompt, converted.controls, rng)
         try:
-            result = execute.run_prompt(h, prompt, quiet=args.quiet)
+            with stop:
+                result = execute.run_prompt(h, prompt, quiet=args.quiet)
         except execute.PromptFailed as exc:
-            sys.stderr.write(f"storykit: {exc}\n")
-            return 1
+            if stop.signum is None:
+                sys.stderr.write(f"storykit: {exc}\n")
+                return 1
+            saved = getattr(exc, "saved", [])
+            sys.stderr.write(f"storykit: stopped by {signal.Signals(stop.signum).name}"
+                             + "".join(f"\n  {line}" for line in saved)
+                             + ("" if saved else "; nothing was left to save") + "\n")
+            return 128 + stop.signum
         for line in _saved_files(h, result.outputs):
             sys.stdout.write(line + "\n")
+        if stop.signum is not None:  # the signal came after the last step: this run is whole, the next is not run
+            sys.stderr.write(f"storykit: stopped by {signal.Signals(stop.signum).name} after run {index + 1}\n")
+            return 128 + stop.signum
         if not args.quiet:
             sys.stderr.write(f"storykit: run {index + 1} finished in {result.seconds:.1f} s\n")
     return 0
 
 
+class _StopOnSignal:
+    """While open, the first Ctrl-C or SIGTERM does what the Cancel button does: the running node stops at the end
+    of its step (trainers save it first). A second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        import comfy.model_management
+        self.signum = signum
+        comfy.model_management.interrupt_current_processing(True)
+        sys.stderr.write("\nstorykit: stopping at the end of this step (Ctrl-C again quits now, without saving)\n")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _batch(args) -> int:
+    from . import batch
+    stories = batch.load_stories(args.stories)
+    config = {"workflow": conv.load_workflow_file(args.workflow), "workflow_name": Path(args.workflow).name,
+              "models": args.models and str(Path(args.models).resolve()), "ckpt": args.ckpt,
+              "input": args.input and str(Path(args.input).resolve()), "tiny_model": args.tiny_model,
+              "quick": args.quick, "overrides": args.overrides}
+    records = batch.run_batch(stories, config, Path(args.output), resume=args.resume, retries=args.retries,
+                              use_ray=args.ray, ray_address=args.address, actors=args.actors, quiet=args.quiet)
+    failed = [r for r in records if r["status"] != "done"]
+    for record in failed:
+        sys.stderr.write(f"storykit: story {record['story_id']} failed: {record['error']}\n")
+    sys.stdout.write(f"{Path(args.output) / batch.MANIFEST}\n")
+    return 1 if failed else 0
+
+
 def _use_checkpoint(h, prompt: dict, ckpt: str) -> None:
     path = Path(ckpt).expanduser()
+    if path.is_file() and path.suffix.lower() not in h.folder_paths.supported_pt_extensions:
+        raise conv.WorkflowError(f"--ckpt {ckpt}: not a model file (a checkpoint ends in "
+                                 + ", ".join(sorted(h.folder_paths.supported_pt_extensions)) + ")")
     if path.is_file():
         h.folder_paths.add_model_folder_path("checkpoints", str(path.resolve().parent))
         ckpt = path.name
@@ -216,7 +337,7 @@ def register_tiny_loaders(nodes_module) -> None:
     with the outputs of Load Checkpoint (MODEL, CLIP, VAE) and one each for MODEL, CLIP and VAE."""
     if all(node_id in nodes_module.NODE_CLASS_MAPPINGS for node_id in TINY_NODES.values()):
         return
-    from comfy_api.latest import io
+    from ..nodes.v3 import io
 
     from . import testmodels
 
@@ -229,7 +350,10 @@ def register_tiny_loaders(nodes_module) -> None:
             def define_schema(cls):
                 return io.Schema(
                     node_id=node_id, display_name=title, category="StoryKit/dev",
-                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS)), io.Int.Input("seed", default=0)],
+                    description=f"Development only (--tiny-model): the seeded random-weight {role} of a model "
+                                "family, built from the host's own classes; pictures are noise.",
+                    inputs=[io.Combo.Input("kind", options=list(TINY_KINDS), tooltip="model family"),
+                            io.Int.Input("seed", default=0, tooltip="seed of the random weights")],
                     outputs=outputs)
 
             @classmethod

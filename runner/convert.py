@@ -201,6 +201,14 @@ class _UiGraph:
             raise MissingNodes(missing)
 
     def _widget_inputs(self, node_id: str, node: dict) -> tuple[dict, list[Control]]:
+        inputs, controls = self._saved_widget_inputs(node_id, node)
+        specs = {spec.name: spec for spec in self.specs(node["type"]) or []}
+        for name, value in (node.get(PROMOTED_KEY) or {}).items():  # set on the subgraph node that shows it
+            if name in specs:
+                inputs[name] = _wrap_list(_dynamic_prompt(specs[name], value))
+        return inputs, controls
+
+    def _saved_widget_inputs(self, node_id: str, node: dict) -> tuple[dict, list[Control]]:
         specs = self.specs(node["type"]) or []
         values = node.get("widgets_values")
         inputs: dict[str, Any] = {}
@@ -211,6 +219,9 @@ class _UiGraph:
                     inputs[spec.name] = _wrap_list(_dynamic_prompt(spec, values[spec.name]))
             return inputs, controls
         values = list(values or [])
+        named = node.get("widgets_values_named")
+        if isinstance(named, dict) and len(named) == len(values):
+            return self._named_widget_inputs(node_id, specs, named)
         pos = 0
         for spec in specs:
             if not spec.is_widget:
@@ -227,6 +238,25 @@ class _UiGraph:
             for flag, marker in UPLOAD_FLAGS.items():
                 if spec.options.get(flag) and pos < len(values) and values[pos] == marker:
                     pos += 1
+        return inputs, controls
+
+    def _named_widget_inputs(self, node_id: str, specs, named: dict) -> tuple[dict, list[Control]]:
+        """Front end 1.5x saves `widgets_values_named` beside the list, in widget order. Reading by name survives the
+        widgets the front end adds on its own (1.58 gives every INT input named seed a control_after_generate,
+        flagged or not), where reading the list by position would shift every later value."""
+        inputs: dict[str, Any] = {}
+        controls: list[Control] = []
+        keys = list(named)
+        for spec in specs:
+            if not spec.is_widget or spec.name not in named:
+                continue
+            inputs[spec.name] = _wrap_list(_dynamic_prompt(spec, named[spec.name]))
+            after = keys.index(spec.name) + 1
+            if after < len(keys) and keys[after].startswith("control_after_generate") \
+                    and named[keys[after]] in CONTROL_VALUES:
+                controls.append(Control(node_id, spec.name, named[keys[after]], spec.options.get("min"),
+                                        spec.options.get("max"), spec.options.get("step", 1) or 1,
+                                        [(node_id, spec.name)]))
         return inputs, controls
 
     def _primitive_control(self, node_id: str, node: dict) -> list[Control]:
@@ -372,7 +402,9 @@ def _flatten_subgraphs(data: dict) -> dict:
             definition = definitions[node["type"]]
             # Matched by name: the exported form drops unplugged widget slots, so indices may shift.
             plugged = {slot["name"]: slot.get("link") for slot in node.get("inputs") or []}
-            sources = [source(plugged[slot["name"]]) if plugged.get(slot["name"]) is not None else None
+            shown = _instance_widget_values(node)
+            sources = [source(plugged[slot["name"]]) if plugged.get(slot["name"]) is not None
+                       else _Promoted(shown[slot["name"]]) if slot["name"] in shown else None
                        for slot in definition.get("inputs") or []]
             return expand(definition.get("nodes") or [], definition.get("links") or [],
                           f"{prefix}{node['id']}:", sources, depth + 1)
@@ -392,6 +424,10 @@ def _flatten_subgraphs(data: dict) -> dict:
             flat["inputs"] = []
             for index, slot in enumerate(node.get("inputs") or []):
                 origin = source(slot["link"]) if slot.get("link") is not None else None
+                if isinstance(origin, _Promoted):  # a promoted widget: the value set on the subgraph node
+                    if slot.get("widget"):
+                        flat.setdefault(PROMOTED_KEY, {})[slot["widget"]["name"]] = origin.value
+                    origin = None
                 new_link = add_link(origin, flat["id"], index, slot.get("type")) if origin else None
                 flat["inputs"].append({**slot, "link": new_link})
             nodes.append(flat)
@@ -404,6 +440,28 @@ def _flatten_subgraphs(data: dict) -> dict:
         if origin is not None and link[2] < len(origin["outputs"]):
             origin["outputs"][link[2]]["links"].append(link[0])
     return {**data, "nodes": nodes, "links": links, "definitions": {}}
+
+
+PROMOTED_KEY = "storykit_promoted_widgets"
+
+
+@dataclass(frozen=True)
+class _Promoted:
+    """A subgraph input with nothing plugged in whose widget the subgraph node shows (front end 1.5x promotes
+    widgets this way): the inner widget it is wired to takes the value set on the subgraph node."""
+    value: Any
+
+
+def _instance_widget_values(node: dict) -> dict:
+    """Widget values of a subgraph node by input name: 1.5x's widgets_values_named, else its widget slots in order."""
+    named = node.get("widgets_values_named")
+    if isinstance(named, dict):
+        return dict(named)
+    values = node.get("widgets_values")
+    if not isinstance(values, list):
+        return {}
+    slots = [slot["name"] for slot in node.get("inputs") or [] if slot.get("widget")]
+    return dict(zip(slots, values, strict=True)) if len(slots) == len(values) else {}
 
 
 class MissingNodes(WorkflowError):

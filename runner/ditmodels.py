@@ -5,8 +5,9 @@ class, with the family's model_sampling, latent format and text-encoder target),
 consistently: few double/single blocks, 2-4 heads, head dim and RoPE axes divided by the same factor. The text
 encoders are the host's own classes and tokenizers (shipped in the host tree), shrunk with the host's
 `<model_name>_model_config` option, so prompts go through `clip.tokenize` + `clip.encode_from_tokens` unchanged.
-VAEs are host VAEs detected from their state dict (see `build_vae`). Seeded: runner.testmodels.init_random.
-Import the host first (runner.host.boot()).
+VAEs are host VAEs detected from their state dict (see `_vae`). Seeded: runner.testmodels.init_random.
+FLUX.2 has no tiny text encoder: its Mistral tekken vocabulary is not in the host tree, and ComfyUI 0.3.75's
+converter call does not match transformers 5.23 (FLUX2_TOKENIZER_MISSING). Import the host first (runner.host.boot()).
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ TINY_T5_4096 = {**TINY_T5, "d_model": 4096}
 
 FLUX2_TOKENIZER_MISSING = (
     "FLUX.2's text encoder (Mistral 3 Small) tokenizes with Mistral's tekken vocabulary, which ComfyUI 0.3.75 does "
-    "not ship: it reads it from the text-encoder file (tokenizer_data['tekken_model']). No tiny FLUX.2 text encoder "
-    "without it; the tiny FLUX.2 MODEL and VAE work (context width 3 x 64).")
+    "not ship: it reads it from the text-encoder file (tokenizer_data['tekken_model']), and its converter call "
+    "(MistralConverter(vocab=...)) fails with the pinned transformers 5.23 (MistralConverter(vocab_file)). No tiny "
+    "FLUX.2 text encoder; the tiny FLUX.2 MODEL and VAE work (context width 3 x 64).")
 
 
 def _target_and_options(kind: str, model_config):
@@ -173,7 +175,7 @@ def build_dit(kind: str, seed: int):
     from .testmodels import init_random
     cfg = _model_config(kind)
     model = cfg.get_model({}, device=mm.unet_offload_device())
-    init_random(model.diffusion_model, seed)
+    init_random(model.diffusion_model, seed, in_place=True)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -191,7 +193,7 @@ def build_dit_clip(kind: str, seed: int, embedding_directory=None):
     clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
                          model_options={**options, "dtype": torch.float32,
                                         "initial_device": mm.text_encoder_offload_device()})
-    init_random(clip.cond_stage_model, seed)
+    init_random(clip.cond_stage_model, seed, in_place=True)
     return clip
 
 
@@ -238,6 +240,6 @@ def _vae(layout: str, seed: int):
         vae = comfy.sd.VAE(sd=probe)
     finally:
         logging.disable(logging.NOTSET)
-    init_random(vae.first_stage_model, seed)
+    init_random(vae.first_stage_model, seed, in_place=True)
     vae.first_stage_model.to(vae.vae_dtype)
     return vae

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ MODEL_FOLDERS = (
     "checkpoints", "configs", "loras", "vae", "text_encoders", "clip", "diffusion_models", "unet", "clip_vision",
     "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen", "upscale_models",
     "hypernetworks", "photomaker", "classifiers", "model_patches", "audio_encoders", "storykit",
+    "storykit_predictors",  # the pack's own folder (nodes/nodes_transitions.py), so --models DIR covers it too
 )
 
 
@@ -109,9 +111,19 @@ def boot(models_dir: str | os.PathLike | None = None, output_dir: str | os.PathL
         import comfy.model_management  # noqa: F401 - device selection logs once, here
     except Exception as exc:  # pragma: no cover - host-specific import failure
         raise HostNotFound(f"ComfyUI at {root} failed to import: {exc}") from exc
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    init_nodes(nodes)
     _HOST = Host(root, pack_module, nodes, execution, folder_paths)
     return _HOST
+
+
+def init_nodes(nodes) -> None:
+    """nodes.init_extra_nodes as main.py calls it, without the partner (API) nodes: a coroutine in 0.3.64 and later;
+    keyword arguments the host's version does not take are left out."""
+    params = inspect.signature(nodes.init_extra_nodes).parameters
+    kwargs = {k: v for k, v in (("init_custom_nodes", True), ("init_api_nodes", False)) if k in params}
+    result = nodes.init_extra_nodes(**kwargs)
+    if inspect.iscoroutine(result):
+        asyncio.run(result)
 
 
 def _configure_dirs(folder_paths, models_dir, output_dir, input_dir) -> None:

@@ -45,8 +45,11 @@ TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels":
             "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
-def init_random(module, seed: int, std: float = 0.02) -> None:
-    """Seeded init for modules built with comfy.ops (which leaves torch.empty): norms 1/0, the rest N(0, std)."""
+def init_random(module, seed: int, std: float = 0.02, in_place: bool = False) -> None:
+    """Seeded init for modules built with comfy.ops (which leaves torch.empty): norms 1/0, the rest N(0, std).
+
+    in_place draws straight into each weight (normal_): a different, equally seeded stream, about twice as fast for
+    the large DiT-family encoders and VAEs; the default keeps the SD1.5/SDXL test models' weights as they were."""
     import torch
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,6 +60,8 @@ def init_random(module, seed: int, std: float = 0.02) -> None:
                 param.fill_(1.0)
             elif name.endswith("logit_scale"):
                 param.fill_(4.6052)
+            elif in_place:
+                param.normal_(0.0, std, generator=gen)
             else:
                 param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
 

@@ -92,3 +92,23 @@ def storykit_node(host, node_id: str):
 @pytest.fixture(scope="session")
 def node_class(host):
     return lambda node_id: storykit_node(host, node_id)
+
+
+@pytest.fixture()
+def cancel_at_progress(host):
+    """cancel_at_progress(k): Cancel pressed while step k runs, with the host's own progress hook (main.py's hook
+    calls throw_exception_if_processing_interrupted first), so the interrupt raises inside the update after step k."""
+    import comfy.model_management as mm
+    import comfy.utils
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def install(k: int):
+        def hook(value, total, preview_image=None, prompt_id=None, node_id=None):
+            if value == k:
+                mm.interrupt_current_processing(True)  # the Cancel button, during step k
+            mm.throw_exception_if_processing_interrupted()
+        comfy.utils.set_progress_bar_global_hook(hook)
+
+    yield install
+    comfy.utils.set_progress_bar_global_hook(previous)
+    mm.interrupt_current_processing(False)

@@ -1,6 +1,7 @@
 """runner/convert.py against the real ComfyUI front end: tests/data/frontend holds workflows the front end 1.32.9 saved
-and exported together with the prompt it queued for them (made by tools/frontend/make_fixtures.mjs). Converting
-the saved file must give the front end's own prompt, and that prompt must run."""
+and exported together with the prompt it queued for them, and tests/data/frontend/1.58 the same graphs (and more)
+from front end 1.58.1 (made by tools/frontend/make_fixtures.mjs). Converting the saved file must give the front
+end's own prompt, and that prompt must run."""
 from __future__ import annotations
 
 import json
@@ -11,12 +12,21 @@ import pytest
 from storykit.runner import convert as conv
 
 DATA = Path(__file__).parent / "data" / "frontend"
-FIXTURES = sorted(p.name[: -len(".api.json")] for p in DATA.glob("*.api.json"))
+NEWER = "1.58"  # front end 1.58.1's fixtures, in DATA / NEWER; names there are "1.58/<graph>"
+FIXTURES = sorted(p.name[: -len(".api.json")] for p in DATA.glob("*.api.json")) + \
+    sorted(f"{NEWER}/{p.name[: -len('.api.json')]}" for p in (DATA / NEWER).glob("*.api.json"))
 SAVED_FORMS = ("workflow", "export")  # Save menu / Export and PNG-embedded
 
 
 def load(name: str, kind: str) -> dict:
     return json.loads((DATA / f"{name}.{kind}.json").read_text(encoding="utf-8"))
+
+
+def runnable(name: str) -> bool:
+    """A KSampler pipeline the tiny SD1.5 model can run (1.58's default graph loads a video model; the story graph
+    is the shipped workflow, run by test_runner_cli)."""
+    prompt = load(name, "api")
+    return {"KSampler", "EmptyLatentImage"} <= {e["class_type"] for e in prompt.values()}
 
 
 def differences(front_end: dict, ours: dict) -> list[str]:
@@ -41,6 +51,7 @@ def differences(front_end: dict, ours: dict) -> list[str]:
 
 def test_every_fixture_is_complete():
     assert len(FIXTURES) >= 8, FIXTURES
+    assert len([n for n in FIXTURES if n.startswith(NEWER + "/")]) >= 10, FIXTURES
     for name in FIXTURES:
         for kind in SAVED_FORMS:
             data = load(name, kind)
@@ -77,6 +88,35 @@ def test_primitive_seed_control_is_kept(host):
     assert (control.mode, control.targets) == ("increment", [(sampler_id, "seed")])
 
 
+def test_1_58_fixtures_have_what_they_are_named_for(host):
+    """Promoted widgets, nested subgraphs, bypassed and muted nodes and the Story Prompt, as 1.58 saved them."""
+    promoted = load(f"{NEWER}/subgraph_promoted", "workflow")
+    [instance] = [n for n in promoted["nodes"] if n["type"] == promoted["definitions"]["subgraphs"][0]["id"]]
+    assert {"seed", "text"} <= set(instance["widgets_values_named"]) and 4321 in instance["widgets_values"]
+    api = load(f"{NEWER}/subgraph_promoted", "api")
+    assert next(e for e in api.values() if e["class_type"] == "KSampler")["inputs"]["seed"] == 4321
+    nested = load(f"{NEWER}/subgraph_nested", "api")
+    assert any(i.count(":") == 2 for i in nested), sorted(nested)
+    modes = {n["type"]: n.get("mode", 0) for n in load(f"{NEWER}/primitive_reroute_bypass", "workflow")["nodes"]}
+    assert modes["ImageInvert"] == conv.MODE_BYPASS and modes["PreviewImage"] == conv.MODE_MUTED
+    story = load(f"{NEWER}/story_prompt", "api")
+    assert any(e["class_type"] == "StoryKitStoryPrompt" for e in story.values())
+
+
+def test_widgets_read_by_name_where_1_58_saves_names(host):
+    """1.58 gives every INT named seed a control_after_generate widget, flagged or not, and saves
+    widgets_values_named beside the list: the converter reads by name there, so an extra widget shifts nothing."""
+    saved = load(f"{NEWER}/primitive_reroute_bypass", "workflow")
+    node = next(n for n in saved["nodes"] if n["type"] == "KSampler")
+    node["widgets_values"].insert(2, "randomize")  # a widget this converter has no spec for, before steps
+    node["widgets_values_named"] = {**dict(list(node["widgets_values_named"].items())[:2]),
+                                    "control_after_generate_1": "randomize",
+                                    **dict(list(node["widgets_values_named"].items())[2:])}
+    prompt = conv.to_api(saved, conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt
+    sampler = next(e for e in prompt.values() if e["class_type"] == "KSampler")
+    assert sampler["inputs"]["steps"] == 20 and sampler["inputs"]["sampler_name"] == "euler"
+
+
 def test_subgraph_nodes_get_the_front_ends_ids(host):
     """The front end names a node inside subgraph instance 8 "8:2"; the converter flattens the same way."""
     front_end = load("subgraph", "api")
@@ -99,7 +139,7 @@ def tiny_overrides(prompt: dict) -> list[str]:
     return sorted(set(out))
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", [n for n in FIXTURES if runnable(n)])
 def test_converted_fixture_runs(host, run_workflow, name):
     saved = load(name, "workflow")
     prompt = conv.to_api(saved, conv.host_input_specs(host.nodes.NODE_CLASS_MAPPINGS)).prompt

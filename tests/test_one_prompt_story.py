@@ -230,6 +230,27 @@ def test_ipca_with_a_repeated_context_and_full_dropout(node_class, tiny_sd15):
     assert not torch.allclose(r1[2:], once[2:], atol=1e-6) and not torch.allclose(r1[2:], plain[2:], atol=1e-6)
 
 
+def test_ipca_with_conditioning_concat_biases_only_the_encoders_block(node_class, host, tiny_sd15):
+    """Conditioning Concat joins another prompt's 77 columns after the story's: the ln 2 bias belongs on the
+    identity columns of the first block only (the same as adding a copy of those columns), not on the second's."""
+    model, identity, x, sigma, ctx, _ = ipca_case(node_class, tiny_sd15)
+    clip = tiny_sd15[1]
+    story = [[ctx[2:], {}]]
+    other = clip.encode_from_tokens_scheduled(clip.tokenize("a castle on a hill at dawn"))
+    other = [[other[0][0].repeat(2, 1, 1), other[0][1]]]  # the host's concat needs one row per frame
+    joined = host.nodes.NODE_CLASS_MAPPINGS["ConditioningConcat"]().concat(story, other)[0][0][0]
+    assert joined.shape[1] == 154
+    count = identity.identity_count
+    got = unet_outputs(patched(node_class, model, identity, "bias (fast)"), joined, [0], x[:2], sigma[:2])
+    want = unet_outputs(model, torch.cat([joined, joined[:, :count]], dim=1), [0], x[:2], sigma[:2])
+    wrong = unet_outputs(model, torch.cat([joined, joined[:, :count], joined[:, 77:77 + count]], dim=1), [0],
+                         x[:2], sigma[:2])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - wrong).abs().max() > 100 * (got - want).abs().max()
+    with pytest.raises(ValueError, match="Conditioning Concat.*Use the bias path"):
+        unet_outputs(patched(node_class, model, identity, "concatenated (exact)"), joined, [0], x[:2], sigma[:2])
+
+
 def test_ipca_rejects_an_identity_from_another_family(node_class, tiny_sd15, tiny_sdxl):
     identity = encode_story(node_class, tiny_sd15[1], "a fox", ["runs"])[1]
     with pytest.raises(ValueError, match="CLIP of the same checkpoint"):

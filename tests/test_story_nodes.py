@@ -51,12 +51,16 @@ def test_story_prompt_too_many_tokens(node_class, tiny_sd15):
         _prompt(node_class, tiny_sd15[1], story)
 
 
-def _sample(node_class, model, positive, negative, plan, batch_size, steps=2, sampler="euler", seed_mode="same"):
+def _sample(node_class, model, positive, negative, plan, batch_size, steps=2, sampler="euler", seed_mode="same",
+            custom_sampler=None, **kw):
+    if custom_sampler is not None:
+        kw["sampler"] = custom_sampler
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     mode = "same for all frames" if seed_mode == "same" else "per frame (seed + frame number)"
     return node_class("StoryKitStorySampler").execute(
         model=model, positive=positive, negative=negative, story=plan, latent_image=latent, seed=3, seed_mode=mode,
-        steps=steps, cfg=4.0, sampler_name=sampler, scheduler="normal", batch_size=batch_size, denoise=1.0).result[0]
+        steps=steps, cfg=4.0, sampler_name=sampler, scheduler="normal", batch_size=batch_size, denoise=1.0,
+        **kw).result[0]
 
 
 def _csa(node_class, model, rate=0.5, **kw):
@@ -83,6 +87,38 @@ def test_story_sampler_result_does_not_depend_on_batch_size(node_class, tiny_sd1
     nc = [f.index for f in plan.frames if not f.characters]
     assert not torch.allclose(one[readers[0]], plain[readers[0]], atol=1e-5)  # the bank changed the frame
     torch.testing.assert_close(one[nc], plain[nc], atol=1e-5, rtol=1e-5)  # [NC]: plain attention
+
+
+def test_story_sampler_takes_a_sampler_and_sigmas_as_custom_sampler_graphs_build_them(node_class, tiny_sd15):
+    import comfy.samplers
+    model, clip, _ = tiny_sd15
+    positive, negative, plan, _ = _prompt(node_class, clip)
+    patched = _csa(node_class, model.clone())
+    plain = _sample(node_class, patched, positive, negative, plan, batch_size=4)["samples"]
+    sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", 2).cpu()
+    custom = _sample(node_class, patched, positive, negative, plan, batch_size=4,
+                     custom_sampler=comfy.samplers.sampler_object("euler"), sigmas=sigmas)["samples"]
+    torch.testing.assert_close(custom, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fewer than 2 values"):
+        _sample(node_class, patched, positive, negative, plan, batch_size=4, sigmas=sigmas[:1])
+
+
+def test_a_bank_over_its_budget_re_runs_the_references_and_gives_the_same_pictures(node_class, tiny_sd15, caplog):
+    model, clip, _ = tiny_sd15
+    positive, negative, plan, _ = _prompt(node_class, clip)
+    patched = _csa(node_class, model.clone())
+    state = patched.get_attachment("storykit_csa")
+    with caplog.at_level("INFO", logger="storykit"):
+        banked = _sample(node_class, patched, positive, negative, plan, batch_size=2)["samples"]
+    assert "MB per reference per step" in caplog.text and "re-run" not in caplog.text
+    written = []
+    real_write = state.bank.write
+    state.bank.write = lambda *a, **k: written.append(1) or real_write(*a, **k)
+    with caplog.at_level("INFO", logger="storykit"):
+        rerun = _sample(node_class, patched, positive, negative, plan, batch_size=2, bank_memory_gb=1e-9)["samples"]
+    assert "re-run beside every reader batch" in caplog.text and not written
+    torch.testing.assert_close(rerun, banked, atol=1e-4, rtol=1e-4)
+    assert state.bank_enabled
 
 
 def test_story_sampler_per_frame_seeds_and_cancel_releases_bank(node_class, tiny_sd15, monkeypatch):
@@ -120,3 +156,11 @@ def test_example_workflow_runs_headless(run_workflow, name, kind):
     result = run_workflow(REPO / "workflows" / f"{name}.json", tiny_model=kind,
                           overrides=["5.steps=2", "4.width=64", "4.height=64", "5.batch_size=3"])
     assert result is not None
+
+
+@pytest.mark.parametrize("rate,per_level,name", [(float("nan"), "", "sampling_rate"), (0.5, "0.5, nan", "rate_per_level")])
+def test_nan_rate_is_reported_as_the_input_that_holds_it(node_class, tiny_sd15, rate, per_level, name):
+    """The host's range check lets NaN through (every comparison with NaN is false): the node names the input."""
+    model, _, _ = tiny_sd15
+    with pytest.raises(ValueError, match=rf"{name} has nan.*between 0.0 and 1.0"):
+        _csa(node_class, model.clone(), rate=rate, rate_per_level=per_level)

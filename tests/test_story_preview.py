@@ -19,3 +19,100 @@ def test_preview_reports_the_parsers_error(host):
     out = routes.preview({"story": "[Mia] a woman\n[Mia] waves\n[Bob] runs", "references_per_character": 1})
     assert not out["ok"] and "[Bob]" in out["error"] and "line 3" in out["error"]
     assert not routes.preview({"story": "x", "references_per_character": "two"})["ok"]
+
+
+def _serve(routes_mod, scenario):
+    """Run scenario(session, url) against an aiohttp app holding the preview route and a /ping route (a stand-in
+    for the server's other routes, e.g. /system_stats), on a loopback port."""
+    import asyncio
+
+    from aiohttp import ClientSession, web
+
+    async def main():
+        table = web.RouteTableDef()
+        routes_mod.add_route(table)
+
+        @table.get("/ping")
+        async def ping(request):
+            return web.json_response({"pong": True})
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(table)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with ClientSession() as session:
+                return await scenario(session, f"http://127.0.0.1:{port}")
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def test_bad_bodies_answer_400_or_413_with_a_message(host):
+    routes = importlib.import_module("storykit.nodes.story_routes")
+    bodies = {
+        "infinity": (b'{"story": "[A] a\\n[A] b", "references_per_character": Infinity}', 400, "not a number"),
+        "overflow": (b'{"story": "[A] a\\n[A] b", "references_per_character": 1e400}', 400, "out of range"),
+        "nested": (b'{"story": ' + b"[" * 200000 + b"]" * 200000 + b"}", 400, "nested too deeply"),
+        "not json": (b"story=1", 400, "not valid JSON"),
+        "too big": (b'{"story": "' + b"x" * (routes.MAX_BODY_BYTES + 10) + b'"}', 413, "at most"),
+        "too many lines": (('{"story": "' + "[A] a" + "\\n[A] b" * (routes.MAX_LINES + 1) + '"}').encode(), 413,
+                           "at most"),
+        "not a story": (b'{"story": ["x"]}', 200, "must be text"),
+    }
+
+    async def scenario(session, url):
+        out = {}
+        for name, (raw, _, _) in bodies.items():
+            async with session.post(url + routes.ROUTE, data=raw,
+                                    headers={"Content-Type": "application/json"}) as r:
+                out[name] = (r.status, await r.json())
+        return out
+
+    answers = _serve(routes, scenario)
+    for name, (_, status, words) in bodies.items():
+        got_status, body = answers[name]
+        assert got_status == status and not body["ok"] and words in body["error"], (name, got_status, body)
+        assert body["error"].startswith("StoryKit Story Prompt"), name
+
+
+def test_other_requests_are_answered_while_a_story_is_parsed(host, monkeypatch):
+    """The parse holds until a /ping has been answered: on the event loop that could never happen (the old route
+    blocked every request for the 32 s a 410 KB story took)."""
+    import threading
+
+    routes = importlib.import_module("storykit.nodes.story_routes")
+    real_parse = routes.story_plan.parse_story
+    pinged = threading.Event()
+
+    def slow_parse(*args, **kwargs):
+        pinged.wait(timeout=10)
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(routes.story_plan, "parse_story", slow_parse)
+    story = "\n".join([f"[C{i}] person {i}" for i in range(2000)] + [f"[C{i}] walks # {i}" for i in range(2000)])
+
+    async def scenario(session, url):
+        import asyncio
+        import time
+
+        async def post():
+            async with session.post(url + routes.ROUTE, json={"story": story}) as r:
+                return time.perf_counter(), await r.json()
+
+        task = asyncio.create_task(post())
+        await asyncio.sleep(0.2)
+        start = time.perf_counter()
+        async with session.get(url + "/ping") as r:
+            assert (await r.json())["pong"]
+        ping_done = time.perf_counter()
+        pinged.set()
+        post_done, answer = await task
+        return ping_done - start, ping_done < post_done, answer
+
+    ping_seconds, ping_first, answer = _serve(routes, scenario)
+    assert ping_first and ping_seconds < 2 and answer["ok"] and len(answer["frames"]) == 2000

@@ -149,27 +149,23 @@ def test_ti_sdxl_one_file_with_both_encoders(host, tiny_sdxl, mod):
     assert_unchanged(before, model.model, clip.cond_stage_model, vae.first_stage_model)
 
 
-def test_cancel_keeps_checkpoint_resume_matches_and_never_overwrites(host, tiny_sd15, mod):
+def test_cancel_keeps_checkpoint_resume_matches_and_never_overwrites(host, tiny_sd15, mod, cancel_at_progress):
     import comfy.model_management
     import comfy.utils
     model, clip, vae = tiny_sd15
     args = dict(initializer_word="cat", vectors=1, steps=4, learning_rate=1e-2, batch_size=1, resolution=RES,
                 templates=["a photo of a {}", "a {} toy"], seed=5)
     with torch.inference_mode():
-        _, straight, _ = mod.train_textual_inversion(model, clip, vae, subject(2), token="ti_ref", **args)
-
-    def cancel_after_two(value, total, preview, node_id=None):
-        if value == 2:
-            comfy.model_management.interrupt_current_processing(True)
+        _, straight, straight_history = mod.train_textual_inversion(model, clip, vae, subject(2), token="ti_ref",
+                                                                     **args)
 
     folder = host.base / "models" / "embeddings"
-    old_hook = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(cancel_after_two)
+    cancel_at_progress(2)
     try:
         with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
             mod.train_textual_inversion(model, clip, vae, subject(2), token="ti_cancel", **args)
     finally:
-        comfy.utils.set_progress_bar_global_hook(old_hook)
+        comfy.utils.set_progress_bar_global_hook(None)  # the fixture puts the session's hook back at the end
         comfy.model_management.interrupt_current_processing(False)
     ckpt = folder / "storykit_checkpoints" / "ti_cancel_s000002.safetensors"
     assert ckpt.is_file() and not (folder / "ti_cancel.safetensors").exists()
@@ -183,7 +179,7 @@ def test_cancel_keeps_checkpoint_resume_matches_and_never_overwrites(host, tiny_
                                                              resume_from=ckpt.name, **args)
     assert path.name == "ti_cancel_00002.safetensors"
     assert ckpt.read_bytes() == first_bytes
-    assert len(history["loss"]) == 4
+    assert history["loss"] == pytest.approx(straight_history["loss"], rel=1e-5)
     torch.testing.assert_close(resumed["clip_l"], straight["clip_l"], rtol=1e-5, atol=1e-6)
     # and a third run without resume does not touch the second's final file
     stamp = path.read_bytes()
@@ -233,6 +229,33 @@ def test_dreambooth_resume_from_checkpoint_finishes_like_the_straight_run(host, 
     assert history["loss"][:2] == db_lora["history"]["loss"][:2] and len(history["loss"]) == 3
     resumed, straight = (safetensors.torch.load_file(str(f)) for f in (path, db_lora["path"]))
     assert resumed.keys() == straight.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
+def test_dreambooth_cancel_saves_the_step_it_holds_and_resumes_exactly(host, tiny_sd15, db_lora, mod,
+                                                                       cancel_at_progress):
+    """Cancel during step 2 (the host's hook raises in the update after it): the checkpoint says 2 and holds 2."""
+    import comfy.model_management
+    import comfy.utils
+    model, clip, vae = tiny_sd15
+    args = dict(identifier="sks", class_noun="person", prior_preservation=True, prior_weight=0.5,
+                class_latents=db_lora["class_latents"], mode="LoRA", rank=4, alpha=4.0, train_text_encoder=True,
+                learning_rate=3e-2, text_encoder_lr=1e-2, steps=3, batch_size=1, resolution=RES,
+                gradient_checkpointing=True, seed=0)
+    cancel_at_progress(2)
+    with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+        mod.train_dreambooth(model, clip, vae, subject(), name="db_cancel", **args)
+    comfy.utils.set_progress_bar_global_hook(None)
+    comfy.model_management.interrupt_current_processing(False)
+    folder = host.base / "models" / "loras"
+    assert sorted(p.name for p in (folder / "storykit_checkpoints").glob("db_cancel_s*.safetensors")) == \
+        ["db_cancel_s000002.safetensors"]
+    with torch.inference_mode():
+        _, _, path, history = mod.train_dreambooth(model, clip, vae, subject(), name="db_cancel",
+                                                   resume_from="db_cancel_s000002", **args)
+    assert history["loss"] == pytest.approx(db_lora["history"]["loss"], rel=1e-5)
+    resumed, straight = (safetensors.torch.load_file(str(f)) for f in (path, db_lora["path"]))
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
 
@@ -333,3 +356,23 @@ def test_rare_identifiers_are_single_short_tokens(host, node_class, tiny_sdxl):
         for key in ("l", "g"):
             toks = [t for t, _ in clip.tokenize(word)[key][0]]
             assert len([t for t in toks if t not in (49406, 49407, 0)]) == 1, word
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../../../../../etc/hostname", "no_such_checkpoint",
+                                  "storykit_checkpoints/../../loras"])
+def test_resume_from_stays_in_the_model_folders_with_one_message(host, tr, name):
+    """A file outside the folder and a missing one get the same answer (the input reveals nothing of the machine)."""
+    folder = host.base / "models" / "embeddings"
+    with pytest.raises(ValueError, match=r"Train TI: resume_from .* is not a readable checkpoint in .*give the file "
+                                         r"name of a checkpoint there"):
+        tr.resolve_resume(folder, name, "Train TI")
+
+
+def test_damaged_resume_checkpoint_names_node_input_and_file(host, tr):
+    folder = host.base / "models" / "embeddings" / "storykit_checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken_s000002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    path = tr.resolve_resume(folder.parent, "broken_s000002", "Train TI")
+    for read in (lambda: tr.read_checkpoint(path, "Train TI"), lambda: tr.checkpoint_step(path, "Train TI")):
+        with pytest.raises(ValueError, match=r"Train TI: resume_from broken_s000002\.safetensors "):
+            read()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +50,9 @@ def test_trainer_lowers_the_loss_and_checkpoints(node_class, predictor_dir):
     assert len(losses) == 40 and record.step == 40
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     assert curve.shape == (1, 256, 512, 3)
-    assert sorted(os.listdir(predictor_dir)) == [f"t_{s:05d}.safetensors" for s in (10, 20, 30, 40)]
+    assert sorted(p.name for p in predictor_dir.glob("*.safetensors")) == \
+        [f"t_{s:05d}.safetensors" for s in (10, 20, 30, 40)]
+    assert sorted(p.stem for p in predictor_dir.glob("*.trainstate")) == [f"t_{s:05d}" for s in (10, 20, 30, 40)]
     assert not record.model.training
 
 
@@ -76,39 +79,51 @@ def test_save_load_is_bit_identical_and_resume_continues(node_class, predictor_d
     assert traj.method == "linear + predictor" and traj.transitions[0].shape == (9, 1, 1024)
 
 
-def test_cancel_keeps_the_last_checkpoint(node_class, predictor_dir, monkeypatch):
+def test_cancel_keeps_the_last_checkpoint(node_class, predictor_dir, cancel_at_progress):
     import comfy.model_management as mm
-    import comfy.utils
     from storykit.kernels import semantic_motion as smp
-    original = comfy.utils.ProgressBar.update_absolute
-
-    def press_cancel_after_step_12(self, value, total=None, preview=None):
-        original(self, value, total, preview)
-        if value == 12:
-            mm.interrupt_current_processing(True)  # what the Cancel button does
-
-    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", press_cancel_after_step_12)
+    cancel_at_progress(12)  # the host's hook raises in the progress update after step 12
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
         train(node_class, steps=30, checkpoint_every=5)
-    names = sorted(os.listdir(predictor_dir))
+    names = sorted(p.name for p in predictor_dir.glob("*.safetensors"))
     assert names == ["t_00005.safetensors", "t_00010.safetensors", "t_00012.safetensors"]
     net, meta = smp.load_predictor(str(predictor_dir / names[-1]))
     assert meta["step"] == 12 and len(meta["losses"]) == 12
     assert not [n for n in names if ".tmp" in n]
 
 
-def test_trainer_errors_name_the_fix(node_class, predictor_dir, tmp_path):
+@pytest.fixture()
+def input_folder(host, tmp_path):
+    """A fresh folder inside the host's input folder, by name, as a user gives it."""
+    import shutil
+    folder = Path(host.folder_paths.get_input_directory()) / f"clips_{tmp_path.name}"
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_trainer_errors_name_the_fix(node_class, predictor_dir, input_folder, tmp_path):
     with pytest.raises(ValueError, match="no training clips"):
         train(node_class, clips=None)
     with pytest.raises(ValueError, match="no clips in"):
-        train(node_class, clips=None, folder=str(tmp_path))
+        train(node_class, clips=None, folder=input_folder.name)
 
 
-def test_trainer_reads_a_folder_of_videos_and_frame_folders(node_class, predictor_dir, tmp_path):
+@pytest.mark.parametrize("where", ["outside", "dotdot", "missing"])
+def test_trainer_reads_clips_only_from_the_input_folder(node_class, predictor_dir, input_folder, tmp_path, where):
+    """One message whether the folder is elsewhere on the machine or not there at all."""
+    (tmp_path / "a").mkdir()
+    folder = {"outside": str(tmp_path), "dotdot": f"{input_folder.name}/../../{tmp_path.name}",
+              "missing": "no_such_clips"}[where]
+    with pytest.raises(ValueError, match=r"is not a folder in ComfyUI's input folder .*put the videos"):
+        train(node_class, clips=None, folder=folder)
+
+
+def test_trainer_reads_a_folder_of_videos_and_frame_folders(node_class, predictor_dir, input_folder):
     import av
     import numpy as np
     from PIL import Image
-    data = tmp_path / "clips"
+    data = input_folder
     (data / "shot_a").mkdir(parents=True)
     for i, frame in enumerate(eased_clips(1, frames=9, seed=3)):
         Image.fromarray((frame.numpy() * 255).astype(np.uint8)).save(data / "shot_a" / f"{i:04d}.png")
@@ -152,3 +167,24 @@ def test_a_wan_predictor_drives_the_wan_patch(node_class, predictor_dir):
         assert torch.isfinite(sample(model, pos, neg, latent, steps=1)).all()
     with pytest.raises(ValueError, match="transition 1 does not exist"):
         node_class("StoryKitWanSemanticMotion").execute(model=tm.wan(False), trajectory=traj, transition=1)
+
+
+def test_resume_after_cancel_ends_where_the_uninterrupted_run_ends(node_class, predictor_dir, cancel_at_progress):
+    """Cancel after step 12 of 30 (the host's hook), load that checkpoint, train the other 18: the same weights and
+    losses as 30 steps straight (same draws per step, the optimizer's moments saved beside the checkpoint)."""
+    import comfy.model_management as mm
+    import comfy.utils
+    with torch.inference_mode():
+        straight, _ = train(node_class, steps=30, checkpoint_every=0, name="straight")
+    cancel_at_progress(12)
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        train(node_class, steps=30, checkpoint_every=0, name="cut")
+    comfy.utils.set_progress_bar_global_hook(None)
+    mm.interrupt_current_processing(False)
+    assert (predictor_dir / "cut_00012.trainstate").is_file()
+    (loaded,) = node_class("StoryKitLoadMotionPredictor").execute(predictor_name="cut_00012.safetensors").result
+    with torch.inference_mode():
+        resumed, _ = train(node_class, steps=18, checkpoint_every=0, name="resumed", predictor=loaded)
+    assert resumed.step == 30 and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    for (k, v), (_, w) in zip(resumed.model.state_dict().items(), straight.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)

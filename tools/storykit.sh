@@ -2,6 +2,7 @@
 # StoryKit's one entry point for development and CI. Sets up the host on first use (cached), then:
 #   tools/storykit.sh demo [--ckpt FILE] [runner options]   run the shipped example on a random-weight SD1.5 model
 #   tools/storykit.sh run WORKFLOW.json [runner options]    run any workflow headless (see --help)
+#   tools/storykit.sh batch STORIES --workflow WF.json      many stories, resumable (--ray for Ray)
 #   tools/storykit.sh test [pytest args]                    the test suite (what CI runs)
 #   tools/storykit.sh python ARGS                           the host's Python with the pack importable
 # COMFYUI_PATH=/path/to/ComfyUI uses that checkout instead of the pinned ComfyUI 0.3.75.
@@ -45,7 +46,7 @@ cmd="${1:-demo}"
 case "$cmd" in
   test)   cd "$repo" && exec "$py" -m pytest "$@" ;;
   demo)   exec "$py" -m storykit demo "$@" ;;
-  run|convert|make-test-model) exec "$py" -m storykit "$cmd" "$@" ;;
+  run|batch|convert|make-test-model) exec "$py" -m storykit "$cmd" "$@" ;;
   python) exec "$py" "$@" ;;
-  *) echo "usage: tools/storykit.sh demo|run|convert|make-test-model|test|python ..." >&2; exit 2 ;;
+  *) echo "usage: tools/storykit.sh demo|run|batch|convert|make-test-model|test|python ..." >&2; exit 2 ;;
 esac

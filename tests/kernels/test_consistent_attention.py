@@ -113,3 +113,34 @@ def test_reference_bank_keys_by_sigma_and_counts_bytes():
     assert bank.frames() == {0}
     bank.clear()
     assert bank.nbytes() == 0
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_joint_attention_heads_first_matches_token_major_kernel(budget):
+    """The DiT kernel (heads-first, image queries a subset of the keys' tokens, bank in heads-first layout) gives
+    what the token-major kernel gives on the same rows, whatever the memory budget (1 byte: one row per call)."""
+    torch.manual_seed(3)
+    rows, heads, d, n_text, n_image = 4, 2, 8, 3, 10
+    length = n_text + n_image
+    q, k, v = (torch.randn(rows, heads, length, d) for _ in range(3))
+    samples = {j: csa.sample_tokens(n_image, 0.5, j) + n_text for j in range(rows)}
+    sources = [[j for j in range(3) if j != i] if i < 3 else [0] for i in range(rows)]
+    bank = torch.randn(2, 6, heads * d)  # keys, values of 6 bank tokens, token-major
+    spans = [[], [(0, 3)], [(0, 6)], [(3, 3)]]
+
+    def flat(t):
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+    def attend_flat(q_, k_, v_):
+        return csa.default_attention(heads)(q_, k_, v_)
+
+    def attend_heads(q_, k_, v_):
+        out = torch.nn.functional.scaled_dot_product_attention(q_, k_, v_)
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    expected = csa.consistent_self_attention(flat(q)[:, n_text:], flat(k), flat(v), attend_flat, sources, samples,
+                                             bank[0], bank[1], spans)
+    heads_bank = [b.reshape(6, heads, d).transpose(0, 1) for b in bank]
+    got = csa.consistent_joint_attention(q.narrow(2, n_text, n_image), k, v, attend_heads, sources, samples,
+                                         heads_bank[0], heads_bank[1], spans, budget_bytes=budget)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

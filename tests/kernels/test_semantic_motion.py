@@ -155,3 +155,41 @@ def test_reading_a_foreign_file_names_the_fix(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not a Semantic Motion Predictor"):
         smp.load_predictor(str(tmp_path / "x.safetensors"))
+
+
+def _tampered(tmp_path, name, config_json=None, tensors=None):
+    """A small predictor file whose metadata or tensors were changed after saving."""
+    from safetensors.torch import save_file
+    net = smp.SemanticMotionPredictor(_tiny_config())
+    meta = smp.predictor_metadata(net.config, step=1)
+    if config_json is not None:
+        meta[smp.METADATA_KEY] = config_json
+    path = str(tmp_path / name)
+    save_file(tensors if tensors is not None else net.state_dict(), path, meta)
+    return path
+
+
+@pytest.mark.parametrize("config,message", [
+    ('{"embed_dim": 12, "tokens": 3, "hidden": 100000, "layers": 8, "heads": 8, "mlp_ratio": 4.0}',
+     r"bad\.safetensors: its tensors do not match its config \(at .*the file holds"),
+    ('{"embed_dim": 12, "tokens"', r"bad\.safetensors: the predictor config in its metadata is damaged"),
+    ('{"embed_dim": "12", "tokens": 3}', r"bad\.safetensors: .*damaged \(embed_dim='12'\)"),
+    ('{"embed_dim": 12, "tokens": 3, "colour": 1}', r"damaged \(colour=1\)"),
+    ('[1, 2]', r"damaged \(it is not a JSON object\)"),
+])
+def test_damaged_predictor_files_fail_before_any_model_is_built(tmp_path, config, message):
+    """An 18 KB file claiming hidden=100000 made the loader allocate ~1 GB before the shapes were checked."""
+    path = _tampered(tmp_path, "bad.safetensors", config)
+    with pytest.raises(ValueError, match=message):
+        smp.load_predictor(path)
+
+
+def test_unreadable_predictor_file_names_the_file(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"junk\.safetensors is not a readable safetensors file"):
+        smp.load_predictor(str(path))
+    net = smp.SemanticMotionPredictor(_tiny_config())
+    path = _tampered(tmp_path, "short.safetensors", tensors={k: v for k, v in list(net.state_dict().items())[1:]})
+    with pytest.raises(ValueError, match="do not match its config"):
+        smp.load_predictor(path)

@@ -138,6 +138,33 @@ const BUILDERS = {
     outer.node.pos = [850, 150];
   },
 
+  // Sampler and both text encoders packed into a subgraph whose node shows their widgets (promoted widgets: front
+  // end 1.5x promotes seed and the prompts itself on conversion and saves them as subgraph inputs wired to the
+  // inner widgets); the values are then set on the subgraph node, as a user edits them there.
+  subgraph_promoted: async (h) => {
+    const { pos, neg, ks } = h.pipeline();
+    const made = app.graph.convertToSubgraph(new Set([pos, neg, ks]));
+    const node = made.node;
+    node.pos = [500, 150];
+    const promoted = node.widgets ?? [];
+    if (!promoted.length) throw new Error('this front end promoted no widget on conversion');
+    const seed = promoted.find((w) => w.name === 'seed');
+    if (seed) { seed.value = 4321; seed.callback?.(4321, app.canvas, node, [0, 0], {}); }
+    promoted.filter((w) => w.name.startsWith('text')).forEach((w, i) => {
+      const text = i === 0 ? 'a paper boat on a puddle, promoted widget' : 'blurry, promoted negative';
+      w.value = text;
+      w.callback?.(text, app.canvas, node, [0, 0], {});
+    });
+  },
+
+  // The pack's own story workflow as the template browser opens it (Story Prompt with its live preview, the
+  // Consistent Self-Attention sampler, captions and the comic page), saved back by this front end.
+  story_prompt: async () => {
+    const res = await fetch('/api/workflow_templates/storykit/storykit_csa_sd15.json');
+    if (!res.ok) throw new Error(`template not served: ${res.status}`);
+    await app.loadGraphData(await res.json());
+  },
+
   // What a user gets by bypassing or unplugging the node that drives a widget: the widget's own value is used.
   bypass_fallback: async (h) => {
     const { latent } = h.pipeline();

@@ -6,6 +6,9 @@
 //
 //   node tools/frontend/screenshot.mjs --workflow workflows/x.json [--out workflows/x.jpg] [--width 800]
 //        [--height 500] [--quality 80] [--url http://127.0.0.1:8199] [--margin 40] [--max-scale 1.2]
+//        [--renderer litegraph|vue]   (vue: the Nodes 2.0 renderer, front end 1.3x+ setting Comfy.VueNodes.Enabled)
+//        [--fit NODE_CLASS]           (fit only the nodes of that class, e.g. StoryKitStoryPrompt, instead of all)
+//        [--expect Mia,Otto]          (fail unless every Story Prompt preview shows each of these words)
 //   --workflow takes a comma-separated list too; --out is then ignored and each goes next to its JSON as .jpg.
 import fs from 'node:fs';
 import path from 'node:path';
@@ -26,6 +29,9 @@ const height = Number(args.height ?? 500);
 const quality = Number(args.quality ?? 80);
 const margin = Number(args.margin ?? 40);
 const maxScale = Number(args['max-scale'] ?? 1.2);
+const renderer = args.renderer ?? 'litegraph';
+const fitClass = args.fit ?? null;
+const expect = args.expect ? args.expect.split(',') : [];
 const workflows = args.workflow.split(',').map((f) => path.resolve(f));
 const outFor = (file) => path.resolve(workflows.length === 1 && args.out ? args.out : file.replace(/\.json$/, '.jpg'));
 
@@ -49,7 +55,17 @@ await page.evaluate(async () => {
   await set('Comfy.Workflow.ShowMissingModelsWarning', false);
   await set('Comfy.Workflow.ShowMissingNodesWarning', false);
   await set('Comfy.Graph.CanvasInfo', false);
-});
+  // Draw text and widgets at any zoom (newer front ends switch to low-detail drawing below about 0.6).
+  await set('LiteGraph.Canvas.MinFontSizeForLOD', 0);
+  await set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.1);
+}, null);
+const vue = await page.evaluate(async (on) => {
+  await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on).catch(() => {});
+  return app.extensionManager.setting.get('Comfy.VueNodes.Enabled') ?? null;
+}, renderer === 'vue');
+console.log(`front end ${await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__)}, renderer ${renderer}` +
+  ` (Comfy.VueNodes.Enabled = ${vue})`);
+if (renderer === 'vue' && vue !== true) { console.log('this front end has no Nodes 2.0 renderer'); process.exit(1); }
 
 // Closes whatever covers the canvas, as a user would: Escape for dialogs and menus, the close buttons of toasts and
 // of the "Introducing Nodes 2.0" banner.
@@ -72,10 +88,11 @@ let failures = 0;
 for (const file of workflows) {
   const data = JSON.parse(fs.readFileSync(file, 'utf8'));
   const name = path.basename(file, '.json');
-  const report = await page.evaluate(async ({ data, name, margin, maxScale }) => {
+  const logStart = log.length;
+  const report = await page.evaluate(async ({ data, name, margin, maxScale, fitClass }) => {
     await app.loadGraphData(structuredClone(data), true, false, name);
-    // Fit every node (title bar included) into the canvas with a margin.
-    const nodes = app.graph.nodes;
+    // Fit every node (or those of one class; title bar included) into the canvas with a margin.
+    const nodes = app.graph.nodes.filter((n) => !fitClass || n.comfyClass === fitClass);
     const minX = Math.min(...nodes.map((n) => n.pos[0]));
     const minY = Math.min(...nodes.map((n) => n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT));
     const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
@@ -88,11 +105,11 @@ for (const file of workflows) {
     // What serialize() (the Save menu) writes, against the file, node by node.
     const saved = app.graph.serialize();
     const byId = new Map(data.nodes.map((n) => [n.id, n]));
-    const changed = saved.nodes.filter((n) =>
-      JSON.stringify(n.widgets_values ?? null) !== JSON.stringify(byId.get(n.id)?.widgets_values ?? null))
+    const values = (v) => JSON.stringify(v === undefined || (Array.isArray(v) && v.length === 0) ? null : v);
+    const changed = saved.nodes.filter((n) => values(n.widgets_values) !== values(byId.get(n.id)?.widgets_values))
       .map((n) => ({ id: n.id, type: n.type, file: byId.get(n.id)?.widgets_values, saved: n.widgets_values }));
     return { scale, changed };
-  }, { data, name, margin, maxScale });
+  }, { data, name, margin, maxScale, fitClass });
   // Give the Story Prompt preview its debounce and round trip, then read what it shows.
   await page.waitForTimeout(1500);
   await clearOverlays();
@@ -100,7 +117,7 @@ for (const file of workflows) {
   const previews = await page.evaluate(() => app.graph.nodes.filter((n) => n.comfyClass === 'StoryKitStoryPrompt')
     .map((n) => {
       const w = n.widgets?.find((x) => x.name === 'story_preview');
-      const box = w?.element;
+      const box = w?.element;  // Nodes 2.0 mounts this same element inside the node's Vue component
       const r = box?.getBoundingClientRect();
       const shown = !!box && box.isConnected && r.width > 0 && r.height > 0 && getComputedStyle(box).display !== 'none';
       return { id: n.id, widget: !!w, shown, text: box?.innerText ?? '' };
@@ -113,8 +130,16 @@ for (const file of workflows) {
   for (const p of previews) {
     console.log(`  Story Prompt #${p.id} preview ${p.shown ? 'shown' : 'NOT shown'}:\n    ` +
       (p.text.trim() || '(empty)').split('\n').join('\n    '));
-    if (!p.widget || !p.text.trim()) failures++;
+    const missing = expect.filter((word) => !p.text.includes(word));
+    if (missing.length) console.log(`    missing from the preview: ${missing.join(', ')}`);
+    if (!p.widget || !p.shown || !p.text.trim() || missing.length) failures++;
   }
+  // Warnings the front end printed while it loaded this file (missing nodes, validation, conversion).
+  const loadWarnings = log.slice(logStart).filter((l) => /^\[(warning|error)\]/.test(l) &&
+    !l.includes('Failed to load resource') && !l.includes('Jobs API') && !l.includes('Failed to fetch queue') &&
+    !l.includes('is deprecated'));
+  for (const w of loadWarnings) console.log(`  while loading: ${w.split('\n')[0]}`);
+  failures += loadWarnings.length;
   for (const c of report.changed) {
     console.log(`  serialize() changed widgets_values of #${c.id} ${c.type}: ${JSON.stringify(c.file)} -> ` +
       JSON.stringify(c.saved));

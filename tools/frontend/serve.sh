@@ -2,6 +2,8 @@
 # Starts the real ComfyUI server (front end included) on 127.0.0.1 with this checkout as a custom node pack, for
 # tools/frontend/make_fixtures.mjs and screenshots. Not used by CI. Everything it writes goes under $FE_DIR.
 #   tools/frontend/serve.sh [PORT]      (default 8199; stop it with: kill "$(cat "$FE_DIR/server.pid")")
+# FRONTEND_ROOT=DIR serves another front end (the `static` folder of a comfyui-frontend-package wheel) through the
+# host's --front-end-root instead of the one installed in the venv.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 port="${1:-8199}"
@@ -45,7 +47,8 @@ cd "$FE_DIR/comfy"
 nohup "$venv/bin/python" main.py --cpu --listen 127.0.0.1 --port "$port" \
   --extra-model-paths-config "$FE_DIR/extra_model_paths.yaml" --output-directory "$FE_DIR/out" \
   --input-directory "$FE_DIR/in" --temp-directory "$FE_DIR/temp" --user-directory "$FE_DIR/user" \
-  --database-url sqlite:///:memory: --disable-api-nodes > "$FE_DIR/server.log" 2>&1 &
+  --database-url sqlite:///:memory: --disable-api-nodes ${FRONTEND_ROOT:+--front-end-root "$FRONTEND_ROOT"} \
+  > "$FE_DIR/server.log" 2>&1 &
 echo $! > "$FE_DIR/server.pid"
 for _ in $(seq 120); do
   curl -sf "http://127.0.0.1:$port/object_info/KSampler" > /dev/null && { echo "ComfyUI on http://127.0.0.1:$port (log $FE_DIR/server.log)"; exit 0; }
