@@ -185,17 +185,19 @@ def dropout_keep(shape, p: float, columns: torch.Tensor, generator: torch.Genera
 
 
 def ipca_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identity: torch.Tensor, attend,
-                         extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None) -> torch.Tensor:
-    """IPCA on a DiT's joint attention for image-token queries q [B, N, C] over keys/values [B, L, C].
+                         extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
+                         axis: int = 1) -> torch.Tensor:
+    """IPCA on a DiT's joint attention for image-token queries q over keys/values k, v (token axis `axis`: 1 for
+    [B, L, C], 2 for heads-first [B, heads, L, D]).
 
     Bias path (extra_k None): the identity text columns (`identity`, long [n]) are attended a second time, by
     appending their keys/values once more: exp(s + ln 2) = 2 exp(s), so this is softmax(QK^T/sqrt(d) + ln 2 on
     those columns) exactly, computed by the host's own (mask-free, memory-efficient) attention.
-    Exact path: extra_k/extra_v [B, n, C] are the keys/values of the identity prompt encoded alone, appended."""
+    Exact path: extra_k/extra_v (n tokens on `axis`) are the keys/values of the identity prompt alone, appended."""
     if extra_k is None:
         index = identity.to(k.device)
-        extra_k, extra_v = k.index_select(1, index), v.index_select(1, index)
-    return attend(q, torch.cat([k, extra_k.to(k)], dim=1), torch.cat([v, extra_v.to(v)], dim=1))
+        extra_k, extra_v = k.index_select(axis, index), v.index_select(axis, index)
+    return attend(q, torch.cat([k, extra_k.to(k)], dim=axis), torch.cat([v, extra_v.to(v)], dim=axis))
 
 
 def ipca_bias_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, columns) -> torch.Tensor:

@@ -355,8 +355,7 @@ class JointAttention:
         # text queries (and reference-latent tokens after the image) first, before anything of ours is allocated:
         # the unpatched attention on the very same tensors, bit for bit
         own_text = getattr(technique, "attend_text", None)  # a technique that adds text rows (IPCA's exact path)
-        text = own_text(call, canonical(q.narrow(axis, 0, start)), canonical(k), canonical(v), attend) \
-            if start and own_text is not None else None
+        text = own_text(call, q.narrow(axis, 0, start), k, v, attend) if start and own_text is not None else None
         pieces = ([run(q.narrow(axis, 0, start), k, v, *args[3:], **kwargs)] if text is None else [text]) \
             if start else []
         tail = length - start - n_image

@@ -69,21 +69,25 @@ class JointIPCA:
         return self.exact and self.context_len is not None or any(half == 0 for half, _ in call.halves)
 
     def attend(self, call, q, k, v, attend):
+        """q: the image-token queries, k, v: every token, in the call's layout (call.heads > 0: heads-first)."""
+        axis = 2 if call.heads else 1
         n_text = call.image.start
+        exact = self.exact and self.context_len is not None
+        own = self.offset + (self.context_len or 0)      # exact path: the frame's text ends here, P0 alone follows
         outs = []
         for half, rows in call.halves:
             qh, kh, vh = q[rows], k[rows], v[rows]
-            if self.exact and self.context_len is not None:
-                own = self.offset + self.context_len            # the frame's text ends here, P0 alone follows
-                frame_k = torch.cat([kh[:, :own], kh[:, n_text:]], dim=1)
-                frame_v = torch.cat([vh[:, :own], vh[:, n_text:]], dim=1)
+            if exact:
+                frame_k = torch.cat([kh.narrow(axis, 0, own), kh.narrow(axis, n_text, kh.shape[axis] - n_text)], axis)
+                frame_v = torch.cat([vh.narrow(axis, 0, own), vh.narrow(axis, n_text, vh.shape[axis] - n_text)], axis)
                 if half == 0:
                     outs.append(ops.ipca_joint_attention(qh, frame_k, frame_v, self.columns, attend,
-                                                         kh[:, own:n_text], vh[:, own:n_text]))
+                                                         kh.narrow(axis, own, n_text - own),
+                                                         vh.narrow(axis, own, n_text - own), axis))
                 else:
                     outs.append(attend(qh, frame_k, frame_v))
             elif half == 0:
-                outs.append(ops.ipca_joint_attention(qh, kh, vh, self.columns, attend))
+                outs.append(ops.ipca_joint_attention(qh, kh, vh, self.columns, attend, axis=axis))
             else:
                 outs.append(attend(qh, kh, vh))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -93,12 +97,14 @@ class JointIPCA:
         appended P0-alone rows see [P0 alone ; image]. None: the site's own handling (bias path)."""
         if not (self.exact and self.context_len is not None):
             return None
+        axis = 2 if call.heads else 1
         n_text = call.image.start
         own = self.offset + self.context_len
-        image_k, image_v = k[:, n_text:], v[:, n_text:]
-        first = attend(q[:, :own], torch.cat([k[:, :own], image_k], 1), torch.cat([v[:, :own], image_v], 1))
-        alone = attend(q[:, own:n_text], torch.cat([k[:, own:n_text], image_k], 1),
-                       torch.cat([v[:, own:n_text], image_v], 1))
+
+        def part(t, first, count):
+            return torch.cat([t.narrow(axis, first, count), t.narrow(axis, n_text, t.shape[axis] - n_text)], axis)
+        first = attend(q.narrow(axis, 0, own), part(k, 0, own), part(v, 0, own))
+        alone = attend(q.narrow(axis, own, n_text - own), part(k, own, n_text - own), part(v, own, n_text - own))
         return torch.cat([first, alone], dim=1)
 
     # exact path: P0 alone as extra text rows of every row of the call
