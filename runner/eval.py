@@ -196,6 +196,10 @@ def _from_manifest(path: Path) -> list[dict]:
         prompts = row.get("prompts") or None
         if prompts is not None and len(prompts) != len(files):
             raise EvalError(f"{path} line {number} ({story_id}): {len(prompts)} prompts for {len(files)} files")
+        if prompts is not None and any(p is None for p in prompts):
+            # the batch runner lists every picture a story saved; one without a prompt (its comic page) is no frame
+            framed = [(f, p) for f, p in zip(files, prompts, strict=True) if p is not None]
+            files, prompts = [f for f, _ in framed], ([p for _, p in framed] or None)
         stories.append({"id": story_id, "files": [path.parent / f for f in files], "prompts": prompts,
                         "status": row.get("status", "done"), "error": row.get("error"),
                         "settings": row.get("settings"), "seconds": row.get("seconds")})

@@ -241,6 +241,10 @@ def test_eval_reads_a_batch_manifest_worst_story_first(runner_frames, model_dirs
     rows = [{"story_id": s, "workflow_hash": "abc", "seeds": [1], "settings": {}, "files": [f"{s}/{i}.png" for i in
              range(3)], "prompts": [f"{s} {i}" for i in range(3)], "seconds": 1.0, "status": "done", "error": None}
             for s in ("alike", "mixed")]
+    # the batch runner lists a story's comic page too, with no prompt: it is not a frame
+    Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)).save(batch / "alike" / "page.png")
+    rows[0]["files"].append("alike/page.png")
+    rows[0]["prompts"].append(None)
     rows.append({"story_id": "broken", "workflow_hash": "abc", "seeds": [2], "settings": {}, "files": [],
                  "seconds": 0.5, "status": "failed", "error": "out of memory"})
     rows.append({"story_id": "moved", "workflow_hash": "abc", "seeds": [3], "settings": {}, "files": ["gone.png"],
@@ -252,6 +256,7 @@ def test_eval_reads_a_batch_manifest_worst_story_first(runner_frames, model_dirs
     assert [s["id"] for s in report["stories"]] == ["broken", "moved", "mixed", "alike"]
     assert "gone.png: no such file" in report["stories"][1]["error"]
     assert report["stories"][3]["prompts"] == ["alike 0", "alike 1", "alike 2"]
+    assert not any("page.png" in f for f in report["stories"][3]["files"])
     assert report["stories"][3]["metrics"]["clip_i"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert "out of memory" in (batch / "storykit-eval" / "eval_00001" / "report.html").read_text()
     assert "dreamsim" in report["missing"] and report["summary"]["clip_i"]["n"] == 2

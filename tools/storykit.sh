@@ -46,7 +46,7 @@ cmd="${1:-demo}"
 case "$cmd" in
   test)   cd "$repo" && exec "$py" -m pytest "$@" ;;
   demo)   exec "$py" -m storykit demo "$@" ;;
-  run|batch|convert|make-test-model) exec "$py" -m storykit "$cmd" "$@" ;;
+  run|batch|eval|convert|make-test-model) exec "$py" -m storykit "$cmd" "$@" ;;
   python) exec "$py" "$@" ;;
-  *) echo "usage: tools/storykit.sh demo|run|batch|convert|make-test-model|test|python ..." >&2; exit 2 ;;
+  *) echo "usage: tools/storykit.sh demo|run|batch|eval|convert|make-test-model|test|python ..." >&2; exit 2 ;;
 esac
