@@ -13,14 +13,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STORY = """[Mia] a young woman with short red hair, round glasses, green raincoat
-[Otto] an old man with a white beard, brown tweed jacket, flat cap
-[Mia] wakes up in a small attic room, morning light # Monday.
-[Mia] runs to catch a tram in the rain # Late again.
-[Otto] feeds pigeons in a park # Otto waits.
-[Mia] and [Otto] share an umbrella at the tram stop # They meet.
-[NC] an empty street at night, wet cobblestones, lamplight # The end."""
-
 # family: (loaders, model sampling node or None, guidance (FluxGuidance) or None, cfg, steps, sampler, scheduler,
 #          latent node, size)
 FAMILIES = {
@@ -77,7 +69,8 @@ def build(nodes_module, family: str) -> str:
         g.connect(unet, "MODEL", model, "model")
     csa = g.add("StoryKitConsistentSelfAttention", {"sampling_rate": 0.5}, pos=(700, 80))
     g.connect(model, "MODEL", csa, "model")
-    prompt = g.add("StoryKitStoryPrompt", {"story": STORY, "style": "Storybook watercolour",
+    from storykit.nodes.nodes_consistent_attention import EXAMPLE_STORY  # the node's own example story
+    prompt = g.add("StoryKitStoryPrompt", {"story": EXAMPLE_STORY, "style": "Storybook watercolour",
                                            "negative": spec["negative"], "references_per_character": 2},
                    pos=(40, 560), size=(560, 520))
     g.connect(clip, "CLIP", prompt, "clip")
@@ -152,7 +145,9 @@ def main() -> int:
     sys.path.insert(0, str(REPO.parent))
     from storykit.runner import host
     h = host.boot(cpu=True)
-    for name in sys.argv[1:] or [*FAMILIES, "1p1s_flux"]:
+    # flux2 is written only on request: the host 0.3.75 cannot build FLUX.2's tokenizer with transformers 5, so its
+    # graph cannot be run headless in the tests yet, and a shipped workflow must be
+    for name in sys.argv[1:] or [*(f for f in FAMILIES if f != "flux2"), "1p1s_flux"]:
         if name == "1p1s_flux":
             text, target = build_1p1s(h.nodes, "flux"), "storykit_1p1s_flux.json"
         else:
