@@ -208,15 +208,14 @@ class Family:
     block_ids: "options" when the model sets transformer_options block_type/block_index (then `kinds` maps its
     block_type to ours), "hooks" when forward pre-hooks on the block lists tell the block.
     default: per kind, the (first, last) fraction of blocks CSA patches by default (the later, finer part).
-    text_multiple: the model pads its text tokens to a multiple of this (Lumina2/Z-Image).
+    text_attr: the attribute of the diffusion model holding the multiple it pads its text tokens to (Lumina2/Z-Image).
     """
     name: str
     blocks: dict
     block_ids: str
     default: dict
     kinds: dict = field(default_factory=dict)
-    text_multiple: int | None = None
-    text_attr: str | None = None      # attribute holding that multiple on the diffusion model
+    text_attr: str | None = None
     register_tokens: str | None = None  # attribute whose length is prepended to the text (SD3's register)
 
 
@@ -229,7 +228,7 @@ FAMILIES: dict[str, Family] = {
     "SD3": Family("SD3.5", {"joint": "joint_blocks"}, "hooks", {"joint": (0.5, 1.0)},
                   register_tokens="register"),
     "Lumina2": Family("Lumina 2 / Z-Image", {"joint": "layers", "refiner": "noise_refiner"}, "hooks",
-                      {"joint": (0.5, 1.0)}, text_multiple=None, text_attr="pad_tokens_multiple"),
+                      {"joint": (0.5, 1.0)}, text_attr="pad_tokens_multiple"),
 }
 SUPPORTED = "SD1.5/SDXL UNets, FLUX.1, FLUX.2, Chroma, Qwen-Image, SD3.5, Z-Image (Lumina 2)"
 
@@ -275,8 +274,7 @@ class JointAttention:
 
     def _text_tokens(self, context: torch.Tensor | None) -> int:
         n = 0 if context is None else context.shape[1]
-        multiple = self.family.text_multiple or (getattr(self.diffusion_model, self.family.text_attr, None)
-                                                 if self.family.text_attr else None)
+        multiple = getattr(self.diffusion_model, self.family.text_attr, None) if self.family.text_attr else None
         if multiple:
             n += (-n) % multiple
         if self.family.register_tokens:
