@@ -159,6 +159,53 @@ def consistent_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out
 
 
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention: Attention,
+                     sources: Sequence[Sequence[int]], samples: dict[int, torch.Tensor],
+                     sample_labels: dict[int, torch.Tensor], query_labels: Sequence[torch.Tensor],
+                     bank_k: torch.Tensor | None = None, bank_v: torch.Tensor | None = None,
+                     bank_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                     bank_labels: torch.Tensor | None = None, share_background: bool = True,
+                     heads_first: bool = False) -> torch.Tensor:
+    """Bounded sharing: Eq. (3)-(4) where a query of character c reads, beyond its own frame's keys, only the shared
+    tokens (other frames' samples, bank) labelled c; background queries (label 0) read background tokens when
+    `share_background`; unknown ones (label < 0) their own frame only. No query ever weighs another character's
+    shared token: its attention mass there is exactly zero, since those keys are not in its call.
+
+    Layouts as the two kernels above: token-major q [R, Nq, C], k, v [R, L, C], bank [M, C]; or `heads_first`
+    q [R, H, Nq, D], k, v [R, H, L, D], bank [H, M, D]. query_labels[i]: [Nq] labels of row i's queries;
+    sample_labels[j]: labels of samples[j]; bank_labels: [M]. One host attention call per (row, label) present,
+    each over at most that row's own keys and its share of the shared ones (so never more memory than unbounded
+    CSA)."""
+    axis = 1 if heads_first else 0  # the token axis of one row (and of the bank)
+    out = None
+    for i in range(len(query_labels)):
+        if i in sources[i]:
+            raise ValueError(f"consistent self-attention: frame {i} may not sample its own tokens")
+        labels = query_labels[i].to(q.device)
+        for label in labels.unique().tolist():
+            queries = (labels == label).nonzero().flatten()
+            keys, values = [k[i]], [v[i]]
+            if label > 0 or (label == 0 and share_background):
+                for j in sources[i]:
+                    picked = samples[j][sample_labels[j] == label].to(k.device)
+                    if picked.numel():
+                        keys.append(k[j].index_select(axis, picked))
+                        values.append(v[j].index_select(axis, picked))
+                for start, length in (bank_spans[i] if bank_spans else ()):
+                    picked = (bank_labels[start:start + length] == label).nonzero().flatten()
+                    if picked.numel():
+                        picked = (picked + start).to(k.device)
+                        keys.append(bank_k.index_select(axis, picked).to(k.dtype))
+                        values.append(bank_v.index_select(axis, picked).to(v.dtype))
+            kk = torch.cat(keys, dim=axis) if len(keys) > 1 else keys[0]
+            vv = torch.cat(values, dim=axis) if len(values) > 1 else values[0]
+            part = attention(q[i].index_select(axis, queries)[None], kk[None], vv[None])[0]
+            if out is None:
+                out = part.new_empty(q.shape[0], q.shape[axis + 1], part.shape[-1])
+            out[i].index_copy_(0, queries, part)
+    return out
+
+
 def rows_within(budget_bytes: int, n_keys: int, dim: int, element_size: int, logit_rows: int = 0) -> int:
     """How many rows of gathered keys and values ([rows, n_keys, dim] each), plus `logit_rows` x n_keys fp32 logits
     per row (heads x queries, where the host's attention materialises them), fit a memory budget (at least 1)."""
@@ -209,6 +256,7 @@ class ReferenceBank:
             raise ValueError(f"bank storage must be 'cpu', 'device' or 'auto', not {storage!r}")
         self.dtype, self.storage, self.device_budget = dtype, storage, device_budget
         self.entries: dict[tuple, dict[float, dict[int, torch.Tensor]]] = {}
+        self.labels: dict[tuple, dict[float, dict[int, torch.Tensor]]] = {}  # identity routing: whose token is it
         self._device_bytes = 0
 
     def _place(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -223,9 +271,14 @@ class ReferenceBank:
         host.copy_(tokens)
         return host
 
-    def write(self, layer: tuple, half: int, sigma: float, frame: int, tokens: torch.Tensor) -> None:
-        """Store S_frame of one layer, CFG half (0 cond, 1 uncond) and step sigma."""
+    def write(self, layer: tuple, half: int, sigma: float, frame: int, tokens: torch.Tensor,
+              labels: torch.Tensor | None = None) -> None:
+        """Store S_frame of one layer, CFG half (0 cond, 1 uncond) and step sigma (and, routed, its tokens'
+        labels: kept on the CPU as int16)."""
         self.entries.setdefault((layer, half), {}).setdefault(float(sigma), {})[frame] = self._place(tokens)
+        if labels is not None:
+            self.labels.setdefault((layer, half), {}).setdefault(float(sigma), {})[frame] = \
+                labels.detach().to("cpu", torch.int16)
 
     def frames(self) -> set[int]:
         return {f for by_sigma in self.entries.values() for by_frame in by_sigma.values() for f in by_frame}
@@ -246,6 +299,12 @@ class ReferenceBank:
         stored = self.entries[(layer, half)][key]
         return {f: stored[f].to(device, non_blocking=True) for f in frames if f in stored}
 
+    def read_labels(self, layer: tuple, half: int, sigma: float, frames: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The labels written with the tokens `read` returns (same nearest sigma); frames without are left out."""
+        key = self.nearest_sigma(layer, half, sigma)
+        stored = self.labels.get((layer, half), {}).get(key, {}) if key is not None else {}
+        return {f: stored[f].long() for f in frames if f in stored}
+
     def nbytes(self) -> int:
         return sum(t.nbytes for by_sigma in self.entries.values() for by_frame in by_sigma.values()
                    for t in by_frame.values())
@@ -256,4 +315,5 @@ class ReferenceBank:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.labels.clear()
         self._device_bytes = 0

@@ -16,6 +16,7 @@ A new family is an entry of FAMILIES plus its tests.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 WRAPPER_KEY = "storykit_attention_site"
+log = logging.getLogger("storykit")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class SiteCall:
     take: Callable | None = None      # (row, token indices) -> [n, C'] tokens to store; None: captured elsewhere
     heads: int = 0                    # > 0: q, k, v are heads-first [rows, heads, L, D]; 0: [rows, L, C]
     n_heads: int = 0                  # attention heads (for the memory bound of a token-major call)
+    grid: tuple | None = None         # (h, w) of the image tokens (row-major), for masks and layouts
+    text: slice | None = None         # text-token positions on the key axis (DiT joint attention), else None
 
 
 def halves_of(options: dict, rows: int) -> list[tuple[int, slice]]:
@@ -151,17 +155,18 @@ class UNetSelfAttention:
         key = (block[0], block[1], options.get("block_index", 0))
         if key not in self.layers:
             return None
-        level = 0
+        level, grid = 0, None
         shape = options.get("original_shape")
         if shape is not None and n_tokens:
             level = max(0, round(math.log(max(shape[-1] * shape[-2] / n_tokens, 1.0), 4)))
+            grid = token_grid(shape[-2], shape[-1], n_tokens)
         attn1 = self.layers[key]
 
         def to_kv(states):  # the bank holds normed hidden states: project them once for every reader
             states = states.unsqueeze(0)
             return attn1.to_k(states)[0], attn1.to_v(states)[0]
         return SiteCall(key, halves_of(options, rows), slice(0, n_tokens), sigma_of(options), level, to_kv,
-                        n_heads=options.get("n_heads", 0))
+                        n_heads=options.get("n_heads", 0), grid=grid)
 
     def install(self, patched, technique) -> None:
         self.technique = technique
@@ -187,6 +192,15 @@ class UNetSelfAttention:
         call = self.call(extra, q.shape[0], q.shape[1])
         out = self.technique.attend(call, q, k, v, attend) if call is not None else None
         return attend(q, k, v) if out is None else out
+
+
+def token_grid(height: int, width: int, n_tokens: int) -> tuple[int, int] | None:
+    """(h, w) of a UNet level's tokens for a latent of height x width: each down block halves a side, rounding up
+    (stride-2 convolutions with padding 1); None when no such grid gives n_tokens."""
+    h, w = height, width
+    while h * w > n_tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return (h, w) if h * w == n_tokens else None
 
 
 def _unet_level(kind: str, number: int, levels: int) -> int:
@@ -246,6 +260,7 @@ class JointAttention:
     def __init__(self, family: Family, diffusion_model, blocks: set[tuple[str, int]]):
         self.family, self.diffusion_model, self.blocks = family, diffusion_model, blocks
         self.patch = _patch_size(diffusion_model)
+        self.warned_mask = False
 
     def __deepcopy__(self, memo):
         return self  # as UNetSelfAttention: never copy the diffusion model with model_options
@@ -290,8 +305,8 @@ class JointAttention:
     def apply_model(self, technique, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                     transformer_options={}, **kwargs):  # noqa: B006 - host signature
         """Per model call: the token layout, the override on a copy of the options, block hooks if needed."""
-        n_image = math.prod((side + self.patch - 1) // self.patch for side in x.shape[-2:])
-        layout = (self._text_tokens(c_crossattn), n_image)
+        grid = tuple((side + self.patch - 1) // self.patch for side in x.shape[-2:])
+        layout = (self._text_tokens(c_crossattn), math.prod(grid), grid)
         options = dict(transformer_options)
         options["optimized_attention_override"] = functools.partial(
             self.attention, technique, layout, transformer_options.get("optimized_attention_override"))
@@ -322,14 +337,20 @@ class JointAttention:
         options = kwargs.get("transformer_options") or {}
         block = self._block(options)
         mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
-        if block is None or block not in self.blocks or mask is not None or len(args) < 3:
+        if block is None or block not in self.blocks or len(args) < 3:
+            return run(*args, **kwargs)
+        if mask is not None:  # an attention mask (e.g. a padded text batch): not ours to widen, say so once
+            if not self.warned_mask:
+                self.warned_mask = True
+                log.warning("StoryKit: %s block %s runs a masked attention; consistency is off in such calls "
+                            "(unpad the text or give every frame one text length)", self.family.name, block)
             return run(*args, **kwargs)
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         split = bool(kwargs.get("skip_reshape"))  # [B, heads, L, D]; else [B, L, heads * D]
         axis = 2 if split else 1
         length = q.shape[axis]
-        n_text, n_image = layout
+        n_text, n_image, grid = layout
         if block[0] == "refiner" or not n_text:  # image-only self-attention (Lumina's noise refiner)
             start = 0
             if length != n_image:
@@ -342,9 +363,12 @@ class JointAttention:
         call = SiteCall(block, halves_of(options, q.shape[0]), image, sigma_of(options), 0,
                         to_kv=functools.partial(_split_kv, q.shape[1] if split else 0),
                         take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0,
-                        n_heads=heads or 0)
+                        n_heads=heads or 0, grid=grid, text=slice(0, start) if start else None)
         if not technique.active(call):
             return run(*args, **kwargs)
+        observe = getattr(technique, "observe", None)  # text-to-image attention maps (identity routing's masks)
+        if observe is not None and start:
+            observe(call, q.narrow(axis, start, n_image), k.narrow(axis, 0, start))
         rest = {key: value for key, value in kwargs.items() if key not in ("skip_reshape", "heads")}
 
         def attend(q_, k_, v_):

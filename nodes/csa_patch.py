@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import consistent_attention as csa
+from ..kernels import identity_routing as ident
 from . import attention_sites as sites
 
 log = logging.getLogger("storykit")
@@ -66,6 +67,7 @@ class ConsistentSelfAttention:
         self.bank_characters: dict[int, frozenset] = {}
         self.bank_enabled = True  # False: the story sampler re-runs the references beside each reader batch
         self.plan: list[StoryFrame] | None = None
+        self.routing = None  # kernels.identity_routing.Routing of the story run (bounded sharing), or None
         self.site = None
         self.holds = 0
         self._samples: dict[tuple, torch.Tensor] = {}
@@ -92,6 +94,7 @@ class ConsistentSelfAttention:
             self.release()
 
     def release(self) -> None:
+        self.routing = None  # nothing of one story's masks survives into the next
         self.bank.clear()
         self.bank_characters.clear()
         self._samples.clear()
@@ -143,12 +146,23 @@ class ConsistentSelfAttention:
             return
         rate = self._rate(call)
         n_image = call.image.stop - call.image.start
+        routing = self._routing(call, sigma)
         for half, rows in call.halves:
             for row, frame in enumerate(self._frames(rows.stop - rows.start)):
                 if frame.reference and frame.characters:
-                    index = self._sample(frame.frame, n_image, rate, sigma) + call.image.start
-                    self.bank.write(call.block, half, sigma, frame.frame, take(rows.start + row, index))
+                    sample = self._sample(frame.frame, n_image, rate, sigma)
+                    labels = routing.labels(frame.frame, call.grid)[sample] if routing is not None else None
+                    self.bank.write(call.block, half, sigma, frame.frame, take(rows.start + row,
+                                                                               sample + call.image.start), labels)
                     self.bank_characters[frame.frame] = frame.characters
+
+    def _routing(self, call: sites.SiteCall, sigma: float):
+        """The story's routing when sharing is bounded in this call (it needs the call's token grid), else None."""
+        routing = self.routing
+        if routing is None or call.grid is None or not routing.bounded():
+            return None
+        routing.at_sigma(sigma)
+        return routing
 
     def attend(self, call: sites.SiteCall, q, k, v, attend):
         """Consistent self-attention over each CFG half separately (uncond never sees cond); None when off.
@@ -174,7 +188,8 @@ class ConsistentSelfAttention:
     def _attend(self, q, k, v, parts, call, sigma, rate, attend):
         """parts: (CFG half, its frames) in the order their rows are stacked in q; sources stay inside a half."""
         n_image = call.image.stop - call.image.start
-        sources, samples, spans, hidden = [], {}, [], []
+        routing = self._routing(call, sigma)
+        sources, samples, spans, hidden, hidden_labels = [], {}, [], [], []
         first_row, bank_length = 0, 0
         for half, frames in parts:
             local = [[j for j, other in enumerate(frames) if j != i and other.reference
@@ -187,12 +202,15 @@ class ConsistentSelfAttention:
                        and self.bank_characters[f] & frame.characters] for frame in frames]
             needed = sorted({f for row in wanted for f in row})
             tokens = self.bank.read(call.block, half, sigma, needed, q.device) if needed else {}
+            labels = self.bank.read_labels(call.block, half, sigma, needed) if needed and routing else {}
             starts = {}
             for f in needed:
                 if f in tokens:
                     starts[f] = (bank_length, tokens[f].shape[0])
                     bank_length += tokens[f].shape[0]
                     hidden.append(tokens[f])
+                    if routing is not None:  # a token written without labels is no one's: never shared
+                        hidden_labels.append(labels.get(f, torch.full((tokens[f].shape[0],), ident.UNKNOWN)))
             spans.extend([starts[f] for f in row if f in starts] for row in wanted)
             first_row += len(frames)
         if not hidden and not any(sources):
@@ -200,6 +218,13 @@ class ConsistentSelfAttention:
         bank_k = bank_v = None
         if hidden:  # project (UNet) or split (DiT) the stored tokens once for every frame that reads them
             bank_k, bank_v = call.to_kv(torch.cat(hidden).to(q.dtype))
+        if routing is not None:  # bounded sharing: queries and shared tokens labelled by character
+            query_labels = [routing.labels(f.frame, call.grid) for _, frames in parts for f in frames]
+            sample_labels = {j: query_labels[j][index - call.image.start] for j, index in samples.items()}
+            return csa.routed_attention(q, k, v, attend, sources, samples, sample_labels, query_labels, bank_k,
+                                        bank_v, spans if hidden else None,
+                                        torch.cat(hidden_labels) if hidden else None, routing.share_background,
+                                        heads_first=bool(call.heads))
         budget = self.attention_budget if self.attention_budget is not None else DEFAULT_BUDGET
         if call.heads:
             return csa.consistent_joint_attention(q, k, v, attend, sources, samples, bank_k, bank_v,

@@ -1,0 +1,234 @@
+"""Identity routing: which image tokens of a frame belong to which character, so that consistent self-attention
+shares a character's tokens only with that character (bounded sharing, after StoryBooth and ConsiStory).
+
+A frame's tokens get labels on the attention call's token grid: 1.. a character (its id in the story), 0 the
+background, -1 unknown (not shared: the token attends within its own frame only). Labels come from masks of three
+sources, per character: a user MASK, a layout box ("[Lena@left]"), or the model's own text-to-image attention
+(automatic: gathered over the steps, smoothed, thresholded with Otsu's method as ConsiStory does). A frame with one
+character and no mask source is that character everywhere (plain CSA's sharing). Plain torch.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BACKGROUND, UNKNOWN = 0, -1
+# Named boxes as (x0, y0, x1, y1) fractions of the frame, left/top = 0.
+BOXES = {
+    "full": (0.0, 0.0, 1.0, 1.0), "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0), "center": (0.25, 0.0, 0.75, 1.0),
+    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0),
+    "left-third": (0.0, 0.0, 1 / 3, 1.0), "middle-third": (1 / 3, 0.0, 2 / 3, 1.0), "right-third": (2 / 3, 0.0, 1.0, 1.0),
+}
+BOXES["centre"] = BOXES["center"]
+_NUMBER = r"\s*(\d*\.?\d+)\s*"
+_FRACTIONS = re.compile(rf"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$")
+PALETTE = ((0.95, 0.30, 0.25), (0.20, 0.55, 0.95), (0.30, 0.80, 0.35), (0.95, 0.75, 0.15), (0.70, 0.35, 0.90),
+           (0.10, 0.80, 0.80), (0.95, 0.45, 0.75), (0.60, 0.45, 0.25))
+BACKGROUND_COLOUR, UNKNOWN_COLOUR = (0.0, 0.0, 0.0), (0.45, 0.45, 0.45)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'left', 'top-right', ... or 'x0,y0,x1,y1' in fractions of the frame -> a box; ValueError(problem; fix)."""
+    key = text.strip().lower()
+    if key in BOXES:
+        return BOXES[key]
+    match = _FRACTIONS.match(key)
+    if not match:
+        raise ValueError(f"'@{text}' is not a place; write one of {', '.join(sorted(BOXES))} or four fractions "
+                         "'x0,y0,x1,y1' between 0 and 1 (left, top, right, bottom), e.g. '@0.1,0.2,0.5,1'")
+    x0, y0, x1, y1 = (float(g) for g in match.groups())
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"the box '@{text}' is outside the frame or empty; each fraction lies between 0 and 1, "
+                         "with left < right and top < bottom")
+    return x0, y0, x1, y1
+
+
+def box_mask(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
+    """A [height, width] 0/1 mask of a box in fractions (every cell whose centre lies inside it)."""
+    x0, y0, x1, y1 = box
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    inside_y = (ys >= y0) & (ys < y1)
+    inside_x = (xs >= x0) & (xs < x1)
+    return (inside_y[:, None] & inside_x[None, :]).float()
+
+
+def resize(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A [H, W] map on a token grid (h, w): area averages when shrinking (a token's share of the mask), bilinear
+    when growing."""
+    mask = mask.float()
+    if tuple(mask.shape) == tuple(grid):
+        return mask
+    image = mask[None, None]
+    if grid[0] <= mask.shape[0] and grid[1] <= mask.shape[1]:
+        return F.adaptive_avg_pool2d(image, grid)[0, 0]
+    return F.interpolate(image, size=grid, mode="bilinear", align_corners=False)[0, 0]
+
+
+def aspect_differs(shape: tuple[int, int], grid: tuple[int, int], tolerance: float = 0.02) -> bool:
+    """Whether a mask's aspect ratio differs from the frame's by more than `tolerance` (relative)."""
+    return abs(math.log((shape[1] / shape[0]) / (grid[1] / grid[0]))) > tolerance
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1]: the cut that maximises the between-class variance."""
+    values = values.float().flatten().clamp(0, 1)
+    hist = torch.histc(values, bins=bins, min=0.0, max=1.0)
+    prob = hist / hist.sum().clamp(min=1)
+    centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+    weight = prob.cumsum(0)
+    mean = (prob * centres).cumsum(0)
+    between = (mean[-1] * weight - mean) ** 2 / (weight * (1 - weight)).clamp(min=1e-12)
+    between[weight >= 1 - 1e-9] = 0
+    best = (between >= between.max() * (1 - 1e-6)).nonzero().flatten()  # the middle of a flat optimum
+    return float((best[0] + best[-1]).item() / 2 + 1) / bins
+
+
+def smooth(map_: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Gaussian blur of a [h, w] map (sigma in cells), edges replicated."""
+    if sigma <= 0:
+        return map_
+    radius = max(1, int(math.ceil(2 * sigma)))
+    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma ** 2))
+    taps = (taps / taps.sum()).to(map_.dtype)
+    image = F.pad(map_[None, None], (radius, radius, radius, radius), mode="replicate")
+    image = F.conv2d(image, taps.view(1, 1, 1, -1))
+    return F.conv2d(image, taps.view(1, 1, -1, 1))[0, 0]
+
+
+def normalise(map_: torch.Tensor) -> torch.Tensor:
+    low, high = map_.min(), map_.max()
+    return (map_ - low) / (high - low) if float(high - low) > 1e-12 else torch.zeros_like(map_)
+
+
+def labels_from_masks(masks: dict[int, torch.Tensor], grid: tuple[int, int], rest: int,
+                      threshold: float = 0.5) -> torch.Tensor:
+    """Token labels [h * w] from character masks (label -> [H, W] in 0..1): a token takes the label whose mask
+    covers it most, if above `threshold`; the others get `rest` (BACKGROUND, or UNKNOWN while a character of the
+    frame has no mask yet)."""
+    labels = torch.full((grid[0] * grid[1],), rest, dtype=torch.long)
+    if not masks:
+        return labels
+    ids = torch.tensor(list(masks), dtype=torch.long)
+    stack = torch.stack([resize(m, grid).flatten() for m in masks.values()])
+    value, best = stack.max(dim=0)
+    return torch.where(value > threshold, ids[best], labels)
+
+
+@dataclass
+class FrameRoute:
+    """What is known about the characters of one frame: their ids, given masks (user or box) and automatic maps."""
+    characters: tuple[int, ...]
+    given: dict[int, torch.Tensor] = field(default_factory=dict)   # character id -> [H, W] in 0..1
+    sources: dict[int, str] = field(default_factory=dict)          # character id -> "mask" | "box" | "photo mask"
+    bounded: bool = False
+
+
+class Routing:
+    """The routes of one story run: per frame, which tokens are whose; automatic maps gathered as sampling goes.
+
+    `labels(frame, grid)` gives the token labels a CSA call uses; `add_map` takes one character's text-to-image
+    attention map of one call (any grid); maps of a step are folded into the running mask when the step changes
+    (`at_sigma`), so a step reads the masks of the steps before it. `auto_until`: the sigma below which automatic
+    masks stop changing (the layout is set by then).
+    """
+
+    def __init__(self, names: list[str], share_background: bool = True, threshold: float = 0.5,
+                 blur: float = 1.0, auto_until: float | None = None):
+        self.names = list(names)
+        self.ids = {name: i + 1 for i, name in enumerate(self.names)}
+        self.share_background, self.threshold, self.blur, self.auto_until = \
+            share_background, threshold, blur, auto_until
+        self.frames: dict[int, FrameRoute] = {}
+        self.auto: dict[tuple[int, int], torch.Tensor] = {}       # (frame, id) -> running map on its grid
+        self._pending: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._sigma: float | None = None
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self.empty_warned: set[tuple[int, int]] = set()
+
+    def add_frame(self, frame: int, characters, given: dict[str, torch.Tensor] | None = None,
+                  sources: dict[str, str] | None = None, bounded: bool = False) -> None:
+        ids = tuple(self.ids[name] for name in characters)
+        self.frames[frame] = FrameRoute(ids, {self.ids[n]: m for n, m in (given or {}).items()},
+                                        {self.ids[n]: s for n, s in (sources or {}).items()},
+                                        bounded or len(ids) > 1 or bool(given))
+
+    def bounded(self) -> bool:
+        return any(route.bounded for route in self.frames.values())
+
+    def wants_maps(self, frame: int) -> list[int]:
+        """The characters of a frame whose masks come from attention (no user mask or box), while maps still count."""
+        route = self.frames.get(frame)
+        if route is None or not route.bounded:
+            return []
+        if self.auto_until is not None and self._sigma is not None and self._sigma < self.auto_until:
+            return []
+        return [c for c in route.characters if c not in route.given]
+
+    # ------------------------------------------------------------------ the step clock
+    def at_sigma(self, sigma: float) -> None:
+        """A new step: fold the maps gathered in the last one into the running masks."""
+        if sigma == self._sigma:
+            return
+        self._sigma = sigma
+        for key, maps in self._pending.items():
+            grid = max((m.shape for m in maps), key=lambda s: s[0] * s[1])
+            step = torch.stack([normalise(resize(m, tuple(grid))) for m in maps]).mean(0)
+            self.auto[key] = step if key not in self.auto else 0.5 * (resize(self.auto[key], tuple(grid)) + step)
+        if self._pending:
+            self._cache.clear()
+        self._pending = {}
+
+    def add_map(self, frame: int, character: int, map_: torch.Tensor) -> None:
+        self._pending.setdefault((frame, character), []).append(map_.detach().float().cpu())
+
+    # ------------------------------------------------------------------ labels
+    def mask_of(self, frame: int, character: int, grid: tuple[int, int]) -> torch.Tensor | None:
+        """A character's 0..1 mask in a frame on `grid`: given, or from attention (smoothed, Otsu-thresholded)."""
+        route = self.frames[frame]
+        if character in route.given:
+            return resize(route.given[character], grid)
+        auto = self.auto.get((frame, character))
+        if auto is None:
+            return None
+        soft = normalise(smooth(resize(auto, grid), self.blur))
+        return (soft > otsu_threshold(soft)).float()
+
+    def labels(self, frame: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Token labels of a frame on a grid: its one character everywhere when unbounded; else the masks."""
+        key = (frame, grid)
+        if key in self._cache:
+            return self._cache[key]
+        route = self.frames.get(frame)
+        n = grid[0] * grid[1]
+        if route is None or not route.characters:
+            labels = torch.full((n,), BACKGROUND, dtype=torch.long)
+        elif not route.bounded:
+            labels = torch.full((n,), route.characters[0], dtype=torch.long)
+        else:
+            masks = {c: m for c in route.characters if (m := self.mask_of(frame, c, grid)) is not None}
+            rest = BACKGROUND if len(masks) == len(route.characters) else UNKNOWN
+            labels = labels_from_masks(masks, grid, rest, self.threshold)
+        self._cache[key] = labels
+        return labels
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.auto.clear()
+        self._pending.clear()
+        self._cache.clear()
+        self._sigma = None
+
+
+def colour_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[h * w] labels -> an [h, w, 3] picture: one colour per character, black background, grey unknown."""
+    palette = torch.tensor((UNKNOWN_COLOUR, BACKGROUND_COLOUR) + PALETTE, dtype=torch.float32)
+    index = labels.clamp(min=-1) + 1
+    index = torch.where(index > 1, (index - 2) % len(PALETTE) + 2, index)
+    return palette[index].view(grid[0], grid[1], 3)
