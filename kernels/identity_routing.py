@@ -10,43 +10,17 @@ character and no mask source is that character everywhere (plain CSA's sharing).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .story_plan import BOXES, parse_box  # noqa: F401 - the layout syntax lives with the story syntax
+
 BACKGROUND, UNKNOWN = 0, -1
-# Named boxes as (x0, y0, x1, y1) fractions of the frame, left/top = 0.
-BOXES = {
-    "full": (0.0, 0.0, 1.0, 1.0), "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
-    "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0), "center": (0.25, 0.0, 0.75, 1.0),
-    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
-    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0),
-    "left-third": (0.0, 0.0, 1 / 3, 1.0), "middle-third": (1 / 3, 0.0, 2 / 3, 1.0), "right-third": (2 / 3, 0.0, 1.0, 1.0),
-}
-BOXES["centre"] = BOXES["center"]
-_NUMBER = r"\s*(\d*\.?\d+)\s*"
-_FRACTIONS = re.compile(rf"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$")
 PALETTE = ((0.95, 0.30, 0.25), (0.20, 0.55, 0.95), (0.30, 0.80, 0.35), (0.95, 0.75, 0.15), (0.70, 0.35, 0.90),
            (0.10, 0.80, 0.80), (0.95, 0.45, 0.75), (0.60, 0.45, 0.25))
 BACKGROUND_COLOUR, UNKNOWN_COLOUR = (0.0, 0.0, 0.0), (0.45, 0.45, 0.45)
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """'left', 'top-right', ... or 'x0,y0,x1,y1' in fractions of the frame -> a box; ValueError(problem; fix)."""
-    key = text.strip().lower()
-    if key in BOXES:
-        return BOXES[key]
-    match = _FRACTIONS.match(key)
-    if not match:
-        raise ValueError(f"'@{text}' is not a place; write one of {', '.join(sorted(BOXES))} or four fractions "
-                         "'x0,y0,x1,y1' between 0 and 1 (left, top, right, bottom), e.g. '@0.1,0.2,0.5,1'")
-    x0, y0, x1, y1 = (float(g) for g in match.groups())
-    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-        raise ValueError(f"the box '@{text}' is outside the frame or empty; each fraction lies between 0 and 1, "
-                         "with left < right and top < bottom")
-    return x0, y0, x1, y1
 
 
 def box_mask(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
@@ -128,6 +102,7 @@ class FrameRoute:
     given: dict[int, torch.Tensor] = field(default_factory=dict)   # character id -> [H, W] in 0..1
     sources: dict[int, str] = field(default_factory=dict)          # character id -> "mask" | "box" | "photo mask"
     bounded: bool = False
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # character id -> its text-token positions
 
 
 class Routing:
@@ -153,11 +128,16 @@ class Routing:
         self.empty_warned: set[tuple[int, int]] = set()
 
     def add_frame(self, frame: int, characters, given: dict[str, torch.Tensor] | None = None,
-                  sources: dict[str, str] | None = None, bounded: bool = False) -> None:
+                  sources: dict[str, str] | None = None, bounded: bool = False,
+                  tokens: dict[str, torch.Tensor] | None = None) -> None:
+        """A frame's characters (names), masks given for some (name -> [H, W] in 0..1) and what they came from,
+        and each character's description tokens in the frame's conditioning (for automatic masks). A frame is
+        bounded when asked, when it has several characters, or when a mask is given."""
         ids = tuple(self.ids[name] for name in characters)
         self.frames[frame] = FrameRoute(ids, {self.ids[n]: m for n, m in (given or {}).items()},
                                         {self.ids[n]: s for n, s in (sources or {}).items()},
-                                        bounded or len(ids) > 1 or bool(given))
+                                        bounded or len(ids) > 1 or bool(given),
+                                        {self.ids[n]: t for n, t in (tokens or {}).items()})
 
     def bounded(self) -> bool:
         return any(route.bounded for route in self.frames.values())

@@ -4,6 +4,7 @@
     [Lena] wakes up in a small attic room # Morning.              <- frame: [Lena] becomes her description
     [Lena] and [Bob] meet at the market # They meet.              <- a frame with two characters
     [NC] an empty street in the rain                              <- no character: plain self-attention
+    [Lena@left] and [Bob@right] share an umbrella                 <- a place per character: a layout box
 
 Plain Python (no torch, no ComfyUI): the node turns the plan into conditioning, the sampler into batches.
 """
@@ -13,6 +14,17 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+# Named boxes as (x0, y0, x1, y1) fractions of the frame, left/top = 0.
+BOXES = {
+    "full": (0.0, 0.0, 1.0, 1.0), "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0), "center": (0.25, 0.0, 0.75, 1.0),
+    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0),
+    "left-third": (0.0, 0.0, 1 / 3, 1.0), "middle-third": (1 / 3, 0.0, 2 / 3, 1.0), "right-third": (2 / 3, 0.0, 1.0, 1.0),
+}
+BOXES["centre"] = BOXES["center"]
+_NUMBER = r"\s*(\d*\.?\d+)\s*"
+_FRACTIONS = re.compile(rf"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$")
 NO_CHARACTER = "NC"
 TAG = re.compile(r"\[([^\[\]]+)\]")
 INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")  # zero-width and format characters
@@ -27,6 +39,7 @@ class Frame:
     caption: str
     line: int                       # 1-based line in the story text
     reference: bool = False
+    places: tuple = ()              # ((name, (x0, y0, x1, y1)), ...): layout boxes from [Name@place]
 
 
 @dataclass
@@ -36,6 +49,7 @@ class StoryPlan:
     negative: str = ""
     references_per_character: int = 2
     notes: list[str] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # what later nodes attach (character masks, photos, routing)
 
     @property
     def captions(self) -> list[str]:
@@ -46,6 +60,22 @@ class StoryPlan:
 
     def reader_indices(self) -> list[int]:
         return [f.index for f in self.frames if not f.reference]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'left', 'top-right', ... or 'x0,y0,x1,y1' in fractions of the frame -> a box; ValueError(problem; fix)."""
+    key = text.strip().lower()
+    if key in BOXES:
+        return BOXES[key]
+    match = _FRACTIONS.match(key)
+    if not match:
+        raise ValueError(f"'@{text}' is not a place; write one of {', '.join(sorted(BOXES))} or four fractions "
+                         "'x0,y0,x1,y1' between 0 and 1 (left, top, right, bottom), e.g. '@0.1,0.2,0.5,1'")
+    x0, y0, x1, y1 = (float(g) for g in match.groups())
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"the box '@{text}' is outside the frame or empty; each fraction lies between 0 and 1, "
+                         "with left < right and top < bottom")
+    return x0, y0, x1, y1
 
 
 def _fail(where: str, problem: str, fix: str) -> ValueError:
@@ -69,6 +99,11 @@ def split_caption(line: str) -> tuple[str, str]:
         cut = line.rfind("#", 0, cut - 1)
     body, caption = (line[:cut], line[cut + 1:]) if cut >= 0 else (line, "")
     return body.replace("\\#", "#").strip(), caption.replace("\\#", "#").strip()
+
+
+def tag_name(tag: str) -> str:
+    """The name of a tag '[Lena@left]' -> 'Lena' (the place after '@' is a layout box)."""
+    return tag.partition("@")[0].strip()
 
 
 def _check_tags(where: str, body: str) -> list[str]:
@@ -110,8 +145,12 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
         body, caption = split_caption(line)
         tags = _check_tags(where, body)
         head = re.match(r"^\[([^\[\]]+)\]\s*(.*)$", body)
-        if not frames and head and head.group(1).strip().upper() != NO_CHARACTER \
-                and head.group(1).strip().lower() not in canonical:
+        if not frames and head and tag_name(head.group(1)).upper() != NO_CHARACTER \
+                and tag_name(head.group(1)).lower() not in canonical:
+            if "@" in head.group(1):
+                raise _fail(where, f"the character line [{head.group(1).strip()}] has a place",
+                            f"Places belong on frame lines ('[{tag_name(head.group(1))}@left] walks in'); write "
+                            f"the character line as '[{tag_name(head.group(1))}] what they look like'.")
             name, description = head.group(1).strip(), head.group(2).strip()
             if not description:
                 raise _fail(where, f"the character line [{name}] has no description",
@@ -128,9 +167,13 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
             defined_on[name] = number
             continue
         names: dict[str, None] = {}
+        places: dict[str, tuple] = {}
         no_character = False
-        for key in tags:
+        for tag in tags:
+            key, _, place = (part.strip() for part in tag.partition("@"))
             if key.upper() == NO_CHARACTER:
+                if place:
+                    raise _fail(where, f"[{tag}]: [NC] has no place", "Write [NC] without '@...'.")
                 no_character = True
                 continue
             if key.lower() not in canonical:
@@ -139,12 +182,19 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
                             f"Add a line '[{key}] description' before the first frame, or fix the name "
                             f"(characters: {known}{', ...' if len(characters) > 10 else ''}).")
             names.setdefault(canonical[key.lower()], None)
+            if place:
+                try:
+                    box = parse_box(place)
+                except ValueError as error:
+                    raise _fail(where, f"[{tag}]: {error}", "Fix the place after '@' or remove it.") from None
+                if places.setdefault(canonical[key.lower()], box) != box:
+                    raise _fail(where, f"[{key}] has two different places", "Give each character one place a frame.")
         if no_character and names:
             raise _fail(where, "[NC] (no character) is on a frame that also names "
                         + ", ".join(f"[{n}]" for n in names), "Remove [NC] or the character names.")
 
         def substitute(match: re.Match) -> str:
-            key = match.group(1).strip()
+            key = tag_name(match.group(1))
             return "" if key.upper() == NO_CHARACTER else characters[canonical[key.lower()]]
 
         prompt = re.sub(r"\s+", " ", TAG.sub(substitute, body)).strip(" ,")
@@ -153,13 +203,13 @@ def parse_story(text: str, style: str = "", references_per_character: int = 2,
             raise _fail(where, "the frame is empty", "Describe what happens in it, or delete the line.")
         if not prompt:
             raise _fail(where, "the frame has no prompt", "Describe what happens in it, or delete the line.")
-        if not frames and head and head.group(1).strip().lower() in canonical and DESCRIPTION_START.match(scene):
-            name = canonical[head.group(1).strip().lower()]
+        if not frames and head and tag_name(head.group(1)).lower() in canonical and DESCRIPTION_START.match(scene):
+            name = canonical[tag_name(head.group(1)).lower()]
             notes.append(f"line {number}: [{name}] is already described on line {defined_on[name]}, so this line is "
                          f"the first frame; if it was meant as {name}'s description, join it to line "
                          f"{defined_on[name]} (a character is described once)")
         frames.append(Frame(index=len(frames), prompt=apply_style(style, prompt), characters=tuple(names),
-                            caption=caption, line=number))
+                            caption=caption, line=number, places=tuple(places.items())))
     if not frames:
         raise _fail("story", "there are no frame lines" if characters else "the story is empty",
                     "Write one frame per line after the character lines, e.g. '[Lena] reads a letter # Caption'.")

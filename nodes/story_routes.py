@@ -77,7 +77,8 @@ def preview(body: dict) -> dict:
     return {
         "ok": True,
         "characters": [{"name": name, "description": text} for name, text in plan.characters.items()],
-        "frames": [{"line": f.line, "characters": list(f.characters), "caption": f.caption, "reference": f.reference}
+        "frames": [{"line": f.line, "characters": list(f.characters), "caption": f.caption, "reference": f.reference,
+                    "places": {name: list(box) for name, box in f.places}}
                    for f in plan.frames],
         "notes": list(plan.notes),
     }

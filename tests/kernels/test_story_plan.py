@@ -144,3 +144,18 @@ def test_parser_never_crashes_and_every_error_names_a_line(text, refs, mode):
     assert all("[" not in f.prompt and "]" not in f.prompt for f in plan.frames)
     in_references = {n for f in plan.frames if f.reference for n in f.characters}
     assert in_references == set(plan.characters)
+
+
+def test_places_give_layout_boxes_and_clear_errors():
+    story = "[Lena] a woman in red\n[Bob] a man in blue\n[Lena@left] and [Bob@0.5,0,1,1] share an umbrella # Meet"
+    plan = parse_story(story)
+    frame = plan.frames[0]
+    assert frame.characters == ("Lena", "Bob") and "@" not in frame.prompt and "a woman in red" in frame.prompt
+    assert dict(frame.places) == {"Lena": (0.0, 0.0, 0.5, 1.0), "Bob": (0.5, 0.0, 1.0, 1.0)}
+    for bad, match in [("[Lena@left] a woman\n[Lena] walks", "has a place"),
+                       ("[Lena] a woman\n[Lena@leftish] walks", "line 2.*not a place"),
+                       ("[Lena] a woman\n[Lena@0,0,2,1] walks", "line 2.*outside the frame"),
+                       ("[Lena] a woman\n[NC@left] rain", "line 2.*no place"),
+                       ("[Lena] a woman\n[Lena@left] and [Lena@right] walk", "two different places")]:
+        with pytest.raises(ValueError, match=match):
+            parse_story(bad)
