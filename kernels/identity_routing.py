@@ -9,6 +9,7 @@ character and no mask source is that character everywhere (plain CSA's sharing).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from .story_plan import BOXES, parse_box  # noqa: F401 - the layout syntax lives with the story syntax
 
 BACKGROUND, UNKNOWN = 0, -1
+log = logging.getLogger("storykit")
 PALETTE = ((0.95, 0.30, 0.25), (0.20, 0.55, 0.95), (0.30, 0.80, 0.35), (0.95, 0.75, 0.15), (0.70, 0.35, 0.90),
            (0.10, 0.80, 0.80), (0.95, 0.45, 0.75), (0.60, 0.45, 0.25))
 BACKGROUND_COLOUR, UNKNOWN_COLOUR = (0.0, 0.0, 0.0), (0.45, 0.45, 0.45)
@@ -79,6 +81,37 @@ def smooth(map_: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 def normalise(map_: torch.Tensor) -> torch.Tensor:
     low, high = map_.min(), map_.max()
     return (map_ - low) / (high - low) if float(high - low) > 1e-12 else torch.zeros_like(map_)
+
+
+def text_attention_maps(q: torch.Tensor, k_text: torch.Tensor, columns: list[torch.Tensor], heads_first: bool,
+                        n_heads: int = 0, budget_bytes: int = 16 << 20) -> torch.Tensor:
+    """Cross-attention maps of some text tokens (Prompt-to-Prompt's, as ConsiStory gathers them): per column set,
+    softmax(q k^T / sqrt(d)) over all L text tokens, averaged over heads, summed over the set's columns.
+
+    q: one row's image-token queries [N, H * D] (or [H, N, D] heads first), k_text: its text keys [L, H * D]
+    ([H, L, D]); columns: LongTensors of text positions (one set per character). Returns [len(columns), N] float32.
+    Only the wanted columns are exponentiated (the log-sum-exp needs every logit); queries go in chunks so no
+    [H, chunk, L] block exceeds `budget_bytes`."""
+    if not heads_first:
+        heads = max(n_heads, 1)
+        q = q.reshape(q.shape[0], heads, -1).transpose(0, 1)
+        k_text = k_text.reshape(k_text.shape[0], heads, -1).transpose(0, 1)
+    heads, n, dim = q.shape
+    length = k_text.shape[1]
+    sets = [c.to(torch.long).flatten() for c in columns]
+    sets = [c[(c >= 0) & (c < length)] for c in sets]
+    out = torch.zeros(len(sets), n, dtype=torch.float32, device=q.device)
+    if not any(c.numel() for c in sets):
+        return out
+    index = torch.cat(sets).to(q.device)
+    owner = torch.cat([torch.full((c.numel(),), i, dtype=torch.long) for i, c in enumerate(sets)]).to(q.device)
+    keys = k_text.float().transpose(1, 2) * dim ** -0.5
+    step = max(1, budget_bytes // max(1, heads * length * 4))
+    for start in range(0, n, step):
+        logits = torch.matmul(q[:, start:start + step].float(), keys)          # [H, n, L]
+        wanted = torch.exp(logits[..., index] - torch.logsumexp(logits, dim=-1, keepdim=True))
+        out[:, start:start + step].index_add_(0, owner, wanted.mean(0).transpose(0, 1))
+    return out
 
 
 def labels_from_masks(masks: dict[int, torch.Tensor], grid: tuple[int, int], rest: int,
@@ -168,17 +201,36 @@ class Routing:
     def add_map(self, frame: int, character: int, map_: torch.Tensor) -> None:
         self._pending.setdefault((frame, character), []).append(map_.detach().float().cpu())
 
+    def no_mask(self, frame: int, character: int, why: str) -> None:
+        """A character whose automatic mask is empty (or cannot be made): warn once, and it shares plainly: the
+        frame's tokens no other character's mask claims are its own."""
+        if (frame, character) in self.empty_warned:
+            return
+        self.empty_warned.add((frame, character))
+        self._cache.clear()
+        log.warning("StoryKit identity routing: the automatic mask of %s in frame %d is empty (%s); %s shares "
+                    "plainly there (give a Character Mask or a place like [%s@left] to bound it)",
+                    self.names[character - 1], frame + 1, why, self.names[character - 1], self.names[character - 1])
+
     # ------------------------------------------------------------------ labels
     def mask_of(self, frame: int, character: int, grid: tuple[int, int]) -> torch.Tensor | None:
         """A character's 0..1 mask in a frame on `grid`: given, or from attention (smoothed, Otsu-thresholded)."""
         route = self.frames[frame]
         if character in route.given:
             return resize(route.given[character], grid)
-        auto = self.auto.get((frame, character))
-        if auto is None:
+        soft = self._soft(frame, character, grid)
+        if soft is None:
             return None
-        soft = normalise(smooth(resize(auto, grid), self.blur))
-        return (soft > otsu_threshold(soft)).float()
+        mask = (soft > otsu_threshold(soft)).float()
+        if not mask.any():  # a flat map: the description's tokens drew no attention anywhere
+            self.no_mask(frame, character, "its description's tokens drew no attention anywhere")
+            return None
+        return mask
+
+    def _soft(self, frame: int, character: int, grid: tuple[int, int]) -> torch.Tensor | None:
+        """A character's automatic map on `grid`, smoothed (ConsiStory's Gaussian) and scaled to 0..1."""
+        auto = self.auto.get((frame, character))
+        return None if auto is None else normalise(smooth(resize(auto, grid), self.blur))
 
     def labels(self, frame: int, grid: tuple[int, int]) -> torch.Tensor:
         """Token labels of a frame on a grid: its one character everywhere when unbounded; else the masks."""
@@ -193,8 +245,15 @@ class Routing:
             labels = torch.full((n,), route.characters[0], dtype=torch.long)
         else:
             masks = {c: m for c in route.characters if (m := self.mask_of(frame, c, grid)) is not None}
-            rest = BACKGROUND if len(masks) == len(route.characters) else UNKNOWN
+            for c in masks:  # where automatic masks overlap, the stronger attention wins (never crosses 0.5)
+                if c not in route.given:
+                    masks[c] = masks[c] + 1e-3 * self._soft(frame, c, grid)
+            plain = [c for c in route.characters if c not in masks and (frame, c) in self.empty_warned]
+            pending = len(route.characters) - len(masks) - len(plain)
+            rest = BACKGROUND if not pending and not plain else UNKNOWN
             labels = labels_from_masks(masks, grid, rest, self.threshold)
+            if len(plain) == 1 and not pending:  # plain sharing for the one character without a mask
+                labels = torch.where(labels == rest, plain[0], labels)
         self._cache[key] = labels
         return labels
 
@@ -203,6 +262,7 @@ class Routing:
         self.auto.clear()
         self._pending.clear()
         self._cache.clear()
+        self.empty_warned.clear()
         self._sigma = None
 
 

@@ -41,6 +41,7 @@ class SiteCall:
     n_heads: int = 0                  # attention heads (for the memory bound of a token-major call)
     grid: tuple | None = None         # (h, w) of the image tokens (row-major), for masks and layouts
     text: slice | None = None         # text-token positions on the key axis (DiT joint attention), else None
+    text_offset: int = 0              # where the conditioning's first row sits in the text (SD3.5's register)
 
 
 def halves_of(options: dict, rows: int) -> list[tuple[int, slice]]:
@@ -103,8 +104,8 @@ UNET_LAYER_SETS = {
 }
 
 
-def unet_self_attention_layers(diffusion_model) -> dict[tuple, torch.nn.Module]:
-    """attn1 modules of a UNet built from the host's transformer blocks, keyed like transformer_options:
+def unet_transformer_blocks(diffusion_model) -> dict[tuple, torch.nn.Module]:
+    """The host's transformer blocks of a UNet, keyed like transformer_options:
     ("input"|"middle"|"output", block number, index in the block)."""
     found = {}
     for name, module in diffusion_model.named_modules():
@@ -116,8 +117,24 @@ def unet_self_attention_layers(diffusion_model) -> dict[tuple, torch.nn.Module]:
             key = ("middle", 0, int(match.group(1)))
         else:
             continue
-        found[key] = module.attn1
+        found[key] = module
     return found
+
+
+def unet_self_attention_layers(diffusion_model) -> dict[tuple, torch.nn.Module]:
+    """attn1 modules of a UNet's transformer blocks (see unet_transformer_blocks)."""
+    return {key: block.attn1 for key, block in unet_transformer_blocks(diffusion_model).items()}
+
+
+class _RowProjection:
+    """A projection of some rows only, on demand: the cross-attention q or k of the rows a technique reads."""
+
+    def __init__(self, linear, states: torch.Tensor):
+        self.linear, self.states = linear, states
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        row = min(row, self.states.shape[0] - 1)  # a context of batch 1 serves every row
+        return self.linear(self.states[row:row + 1])[0]
 
 
 class UNetSelfAttention:
@@ -128,6 +145,7 @@ class UNetSelfAttention:
         self.layers = layers
         self.levels = levels      # resolution levels of the UNet (SD1.5 4, SDXL 3)
         self.technique = None
+        self.cross: dict[tuple, torch.nn.Module] = {}  # attn2 of the selected blocks (text-to-image maps)
 
     def __deepcopy__(self, memo):
         return self  # model_options are deep-copied on every clone: the site (and the modules it knows) is shared
@@ -173,6 +191,11 @@ class UNetSelfAttention:
         patched.set_model_attn1_patch(self.capture)
         for block, number, index in self.layers:
             patched.set_model_attn1_replace(self.replace, block, number, index)
+        if getattr(technique, "observe", None) is not None:  # cross-attention maps (identity routing's masks)
+            blocks = unet_transformer_blocks(patched.model.diffusion_model)
+            self.cross = {key: blocks[key].attn2 for key in self.layers
+                          if key in blocks and getattr(blocks[key], "attn2", None) is not None}
+            patched.set_model_attn2_patch(self.observe)
 
     def capture(self, n, context, value, extra):
         """attn1 patch: reference frames' normed hidden states go to the bank."""
@@ -180,6 +203,15 @@ class UNetSelfAttention:
             call = self.call(extra, n.shape[0], n.shape[1])
             if call is not None:
                 self.technique.capture(call, lambda row, index: n[row, index.to(n.device)])
+        return n, context, value
+
+    def observe(self, n, context, value, extra):
+        """attn2 patch: hands the technique the cross-attention's q and k, projected only for the rows it reads;
+        the block's inputs pass unchanged."""
+        call = self.call(extra, n.shape[0], n.shape[1])
+        attn2 = self.cross.get(call.block) if call is not None else None
+        if attn2 is not None and context is not None and self.technique.active(call):
+            self.technique.observe(call, _RowProjection(attn2.to_q, n), _RowProjection(attn2.to_k, context))
         return n, context, value
 
     def replace(self, q, k, v, extra):
@@ -292,10 +324,13 @@ class JointAttention:
         multiple = getattr(self.diffusion_model, self.family.text_attr, None) if self.family.text_attr else None
         if multiple:
             n += (-n) % multiple
-        if self.family.register_tokens:
-            register = getattr(self.diffusion_model, self.family.register_tokens, None)
-            n += register.shape[1] if isinstance(register, torch.Tensor) and register.ndim == 3 else 0
-        return n
+        return n + self._register_tokens()
+
+    def _register_tokens(self) -> int:
+        """Learnt tokens the family puts before the conditioning's rows (SD3.5's register), else 0."""
+        register = getattr(self.diffusion_model, self.family.register_tokens, None) \
+            if self.family.register_tokens else None
+        return register.shape[1] if isinstance(register, torch.Tensor) and register.ndim == 3 else 0
 
     def install(self, patched, technique) -> None:
         import comfy.patcher_extension
@@ -363,7 +398,8 @@ class JointAttention:
         call = SiteCall(block, halves_of(options, q.shape[0]), image, sigma_of(options), 0,
                         to_kv=functools.partial(_split_kv, q.shape[1] if split else 0),
                         take=functools.partial(_take_kv, k, v, split), heads=q.shape[1] if split else 0,
-                        n_heads=heads or 0, grid=grid, text=slice(0, start) if start else None)
+                        n_heads=heads or 0, grid=grid, text=slice(0, start) if start else None,
+                        text_offset=self._register_tokens() if start else 0)
         if not technique.active(call):
             return run(*args, **kwargs)
         observe = getattr(technique, "observe", None)  # text-to-image attention maps (identity routing's masks)

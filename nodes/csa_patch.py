@@ -164,6 +164,44 @@ class ConsistentSelfAttention:
         routing.at_sigma(sigma)
         return routing
 
+    # ------------------------------------------------------------------ automatic masks (identity routing)
+    def wanted_maps(self, call: sites.SiteCall) -> list[tuple[int, int, list[tuple[int, torch.Tensor]]]]:
+        """(row, story frame, [(character id, its description's text positions)]) of the COND rows whose frames
+        take automatic masks from this call; [] when none do (sharing off, unbounded, no token grid, or the
+        masks have settled)."""
+        sigma = self._sigma(call)
+        routing = self._routing(call, sigma) if sigma is not None else None
+        if routing is None:
+            return []
+        wanted = []
+        for half, rows in call.halves:
+            if half != 0:  # the cond half only: the uncond rows' attention says nothing about the description
+                continue
+            for i, frame in enumerate(self._frames(rows.stop - rows.start)):
+                columns = []
+                for character in routing.wants_maps(frame.frame):
+                    tokens = routing.frames[frame.frame].tokens.get(character)
+                    if tokens is None or not tokens.numel():
+                        routing.no_mask(frame.frame, character, "its description has no tokens in the prompt")
+                    else:
+                        columns.append((character, tokens + call.text_offset))
+                if columns:
+                    wanted.append((rows.start + i, frame.frame, columns))
+        return wanted
+
+    def observe(self, call: sites.SiteCall, q_image, k_text) -> None:
+        """Text-to-image attention maps of the characters' description tokens, for the routing's automatic
+        masks. q_image[row]: that row's image-token queries, k_text[row]: its text keys, in the call's layout."""
+        wanted = self.wanted_maps(call)
+        if not wanted:
+            return
+        with torch.no_grad():
+            for row, frame, columns in wanted:
+                maps = ident.text_attention_maps(q_image[row], k_text[row], [t for _, t in columns],
+                                                 heads_first=bool(call.heads), n_heads=call.n_heads)
+                for (character, _), map_ in zip(columns, maps, strict=True):
+                    self.routing.add_map(frame, character, map_.view(call.grid))
+
     def attend(self, call: sites.SiteCall, q, k, v, attend):
         """Consistent self-attention over each CFG half separately (uncond never sees cond); None when off.
         q: [rows, Nq, C] image-token queries, k, v: [rows, L, C] every token of each row; heads-first

@@ -10,6 +10,7 @@ from .v3 import io
 
 from ..kernels import story_plan
 from . import csa_patch
+from . import story_tokens
 
 log = logging.getLogger("storykit")
 
@@ -66,8 +67,9 @@ def _tokenize_alike(clip, prompts: list[str]) -> list[dict]:
     return [clip.tokenize(prompt, **options) for prompt in prompts]
 
 
-def encode_frames(clip, prompts: list[str], where: list[str]) -> list:
-    """Per-frame prompts -> one CONDITIONING whose batch is the frames (tokens padded to a common length)."""
+def encode_frames(clip, prompts: list[str], where: list[str], lengths: list | None = None) -> list:
+    """Per-frame prompts -> one CONDITIONING whose batch is the frames (tokens padded to a common length).
+    `lengths`, when given, receives each frame's own number of conditioning rows (before the common padding)."""
     conds, pooled = [], []
     for tokens, place in zip(_tokenize_alike(clip, prompts), where, strict=True):
         chunks = max(len(v) for v in tokens.values())
@@ -78,6 +80,8 @@ def encode_frames(clip, prompts: list[str], where: list[str]) -> list:
         cond, pool = clip.encode_from_tokens(tokens, return_pooled=True)
         conds.append(cond)
         pooled.append(pool)
+    if lengths is not None:
+        lengths.extend(c.shape[1] for c in conds)
     length = math.lcm(*(c.shape[1] for c in conds))
     batch = torch.cat([_pad_to(c, length) for c in conds])
     extra = {"pooled_output": torch.cat(pooled)} if all(p is not None for p in pooled) else {}
@@ -135,7 +139,10 @@ class StoryPrompt(io.ComfyNode):
         for note in plan.notes:
             log.info("StoryKit Story Prompt: %s", note)
         plan.negative = ", ".join(p for p in (negative.strip(), style_negative) if p)
-        positive = encode_frames(clip, [f.prompt for f in plan.frames], [f"line {f.line}" for f in plan.frames])
+        lengths: list[int] = []
+        positive = encode_frames(clip, [f.prompt for f in plan.frames], [f"line {f.line}" for f in plan.frames],
+                                 lengths)
+        plan.extras["tokens"] = story_tokens.description_tokens(clip, plan, lengths)
         negative_cond = encode_frames(clip, [plan.negative], ["negative"])
         return io.NodeOutput(positive, negative_cond, plan, "\n".join(plan.captions))
 

@@ -113,13 +113,19 @@ def tokenizers(clip) -> dict[str, Tokenizer]:
     return out
 
 
+def content_positions(tok: Tokenizer, batches) -> list[int]:
+    """Where the text's own tokens sit in one key's tokenize output (its chunks laid end to end), without the
+    framing (start, end, template and padding tokens)."""
+    flat = [t for batch in batches for t in batch]
+    if tok.by_word_id:          # word id 0 marks the tokens the tokenizer adds itself
+        return [i for i, t in enumerate(flat) if t[2] != 0]
+    return list(range(len(tok.prefix), len(flat) - len(tok.suffix)))
+
+
 def content_of(tok: Tokenizer, batches) -> list[tuple]:
     """The text's own tokens in one key's tokenize output (without the framing), as (token, weight)."""
     flat = [t for batch in batches for t in batch]
-    if tok.by_word_id:          # word id 0 marks the tokens the tokenizer adds itself
-        return [(t[0], t[1]) for t in flat if t[2] != 0]
-    end = len(flat) - len(tok.suffix)
-    return [(t[0], t[1]) for t in flat[len(tok.prefix):end]]
+    return [(flat[i][0], flat[i][1]) for i in content_positions(tok, batches)]
 
 
 def content_tokens(clip, text: str, toks: dict[str, Tokenizer] | None = None, first: bool = True
