@@ -102,7 +102,6 @@ def sdxl_case(attention, ident, sites, csa_patch, scale: int, repeats: int):
         return plain_site.replace(block.to_q(n), block.to_k(n), block.to_v(n), extra)
 
     def maps():
-        routing._pending.clear()  # only this call's maps
         maps_site.observe(n, context, context, extra)
 
     return _measure(csa_call, maps, _fold(_routing(ident, n_text), ident, (side, side), 36), 36, repeats)
@@ -127,7 +126,6 @@ def flux_case(attention, ident, sites, csa_patch, scale: int, repeats: int):
                               heads, skip_reshape=True, mask=None, transformer_options=options)
 
     def maps():
-        routing._pending.clear()
         observing.observe(call, q.narrow(2, n_text, n_image), k.narrow(2, 0, n_text))
 
     return _measure(csa_call, maps, _fold(_routing(ident, n_text), ident, (side, side), 48), 48, repeats)

@@ -90,27 +90,25 @@ def text_attention_maps(q: torch.Tensor, k_text: torch.Tensor, columns: list[tor
 
     q: one row's image-token queries [N, H * D] (or [H, N, D] heads first), k_text: its text keys [L, H * D]
     ([H, L, D]); columns: LongTensors of text positions (one set per character). Returns [len(columns), N] float32.
-    Only the wanted columns are exponentiated (the log-sum-exp needs every logit); queries go in chunks so no
-    [H, chunk, L] block exceeds `budget_bytes`."""
+    The softmax is the host's fused one over all L (its normaliser needs every logit); queries go in chunks so
+    no [H, chunk, L] block exceeds `budget_bytes`; the columns are summed by one matmul with a 0/1 assignment."""
     if not heads_first:
         heads = max(n_heads, 1)
         q = q.reshape(q.shape[0], heads, -1).transpose(0, 1)
         k_text = k_text.reshape(k_text.shape[0], heads, -1).transpose(0, 1)
     heads, n, dim = q.shape
     length = k_text.shape[1]
-    sets = [c.to(torch.long).flatten() for c in columns]
-    sets = [c[(c >= 0) & (c < length)] for c in sets]
-    out = torch.zeros(len(sets), n, dtype=torch.float32, device=q.device)
-    if not any(c.numel() for c in sets):
-        return out
-    index = torch.cat(sets).to(q.device)
-    owner = torch.cat([torch.full((c.numel(),), i, dtype=torch.long) for i, c in enumerate(sets)]).to(q.device)
+    assign = torch.zeros(length, len(columns), dtype=torch.float32)
+    for i, c in enumerate(columns):
+        c = c.to(torch.long).flatten().cpu()
+        assign[c[(c >= 0) & (c < length)], i] = 1.0
+    out = torch.empty(len(columns), n, dtype=torch.float32, device=q.device)
+    assign = assign.to(q.device)
     keys = k_text.float().transpose(1, 2) * dim ** -0.5
     step = max(1, budget_bytes // max(1, heads * length * 4))
     for start in range(0, n, step):
-        logits = torch.matmul(q[:, start:start + step].float(), keys)          # [H, n, L]
-        wanted = torch.exp(logits[..., index] - torch.logsumexp(logits, dim=-1, keepdim=True))
-        out[:, start:start + step].index_add_(0, owner, wanted.mean(0).transpose(0, 1))
+        probs = torch.matmul(q[:, start:start + step].float(), keys).softmax(dim=-1).mean(0)  # [n, L]
+        out[:, start:start + step] = (probs @ assign).transpose(0, 1)
     return out
 
 
@@ -155,7 +153,7 @@ class Routing:
             share_background, threshold, blur, auto_until
         self.frames: dict[int, FrameRoute] = {}
         self.auto: dict[tuple[int, int], torch.Tensor] = {}       # (frame, id) -> running map on its grid
-        self._pending: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._pending: dict[tuple[int, int], dict[tuple, list]] = {}  # (frame, id) -> grid -> [sum, count]
         self._sigma: float | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
         self.empty_warned: set[tuple[int, int]] = set()
@@ -190,16 +188,28 @@ class Routing:
         if sigma == self._sigma:
             return
         self._sigma = sigma
-        for key, maps in self._pending.items():
-            grid = max((m.shape for m in maps), key=lambda s: s[0] * s[1])
-            step = torch.stack([normalise(resize(m, tuple(grid))) for m in maps]).mean(0)
-            self.auto[key] = step if key not in self.auto else 0.5 * (resize(self.auto[key], tuple(grid)) + step)
+        for key, sums in self._pending.items():
+            grid = max(sums, key=lambda g: g[0] * g[1])
+            count = sum(n for _, n in sums.values())
+            step = sum(resize(total.cpu(), grid) for total, _ in sums.values()) / count  # the mean of the maps
+            self.auto[key] = step if key not in self.auto else 0.5 * (resize(self.auto[key], grid) + step)
         if self._pending:
             self._cache.clear()
         self._pending = {}
 
     def add_map(self, frame: int, character: int, map_: torch.Tensor) -> None:
-        self._pending.setdefault((frame, character), []).append(map_.detach().float().cpu())
+        """One call's map of a character (any grid, any device): scaled to 0..1 and summed per grid where it was
+        made (no copy to the CPU, no device sync) until the step is folded."""
+        map_ = map_.detach().float()
+        low, high = map_.amin(), map_.amax()
+        map_ = (map_ - low) / (high - low).clamp(min=1e-12)
+        sums = self._pending.setdefault((frame, character), {})
+        grid = tuple(map_.shape)
+        if grid in sums:
+            sums[grid][0].add_(map_)
+            sums[grid][1] += 1
+        else:
+            sums[grid] = [map_, 1]
 
     def no_mask(self, frame: int, character: int, why: str) -> None:
         """A character whose automatic mask is empty (or cannot be made): warn once, and it shares plainly: the
@@ -229,8 +239,11 @@ class Routing:
 
     def _soft(self, frame: int, character: int, grid: tuple[int, int]) -> torch.Tensor | None:
         """A character's automatic map on `grid`, smoothed (ConsiStory's Gaussian) and scaled to 0..1."""
-        auto = self.auto.get((frame, character))
-        return None if auto is None else normalise(smooth(resize(auto, grid), self.blur))
+        key = ("soft", frame, character, grid)
+        if key not in self._cache:
+            auto = self.auto.get((frame, character))
+            self._cache[key] = None if auto is None else normalise(smooth(resize(auto, grid), self.blur))
+        return self._cache[key]
 
     def labels(self, frame: int, grid: tuple[int, int]) -> torch.Tensor:
         """Token labels of a frame on a grid: its one character everywhere when unbounded; else the masks."""
