@@ -5,8 +5,8 @@
 Two shapes, 4 frames, each frame with two characters of 10 description tokens, every frame bounded:
 - SDXL 1024 px layer A (up blocks at 32x32: 1024 tokens x 1280 channels, 20 heads; 77 text tokens of 2048
   channels), 4 frames x 2 CFG halves: "CSA call" = the real UNet site's attn1 replace with unbounded CSA (rate 0.5,
-  q/k/v/out projections included); "maps" = the real attn2 patch (UNetSelfAttention.observe): q and k projected for
-  the 4 cond rows only, the text-attention maps of both characters handed to the Routing.
+  q/k/v projections included); "maps" = the host's CrossAttention (attn2) with the site's attn2 patch and its q/k
+  hooks (the maps of both characters in the 4 cond rows handed to the Routing) minus the same attn2 alone.
 - FLUX.1 1024 px, one double block: [4, 24 heads, 512 text + 4096 image tokens, 128], cond only: "CSA call" = the
   real joint-attention override with unbounded CSA; "maps" = ConsistentSelfAttention.observe on the same q and k.
 "fold" = what a step adds once: Routing.at_sigma folding every call's maps of the last step (36 calls: SDXL's up
@@ -82,10 +82,10 @@ def sdxl_case(attention, ident, sites, csa_patch, scale: int, repeats: int):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens, channels, heads, n_text, width = 1024 // scale, 1280, 20, 77, 2048
     side = int(tokens ** 0.5)
-    block = types.SimpleNamespace(**{name: torch.nn.Linear(i, channels, bias=False).to(device)
-                                     for name, i in (("to_q", channels), ("to_k", channels), ("to_v", channels))})
-    cross = types.SimpleNamespace(to_q=torch.nn.Linear(channels, channels, bias=False).to(device),
-                                  to_k=torch.nn.Linear(width, channels, bias=False).to(device))
+    attn1 = types.SimpleNamespace(**{name: torch.nn.Linear(channels, channels, bias=False).to(device)
+                                     for name in ("to_q", "to_k", "to_v")})
+    attn2 = attention.CrossAttention(channels, width, heads, channels // heads, device=device,
+                                     operations=torch.nn).to(device).eval()
     key = ("output", 0, 0)
     rows = FRAMES * 2
     n = torch.randn(rows, tokens, channels, device=device)
@@ -93,18 +93,25 @@ def sdxl_case(attention, ident, sites, csa_patch, scale: int, repeats: int):
     extra = {"block": ("output", 0), "block_index": 0, "n_heads": heads, "cond_or_uncond": [1, 0],
              "sigmas": torch.full((rows,), 5.0), "original_shape": [rows, 4, side * 4, side * 4],
              "attn_precision": None}
-    plain_site, maps_site = sites.UNetSelfAttention({key: block}), sites.UNetSelfAttention({key: block})
-    routing = _routing(ident, n_text)
-    plain_site.technique, maps_site.technique = _technique(csa_patch), _technique(csa_patch, routing)
-    maps_site.cross = {key: cross}
+    plain_site, maps_site = sites.UNetSelfAttention({key: attn1}), sites.UNetSelfAttention({key: attn1})
+    plain_site.technique = _technique(csa_patch)
+    maps_site.technique = _technique(csa_patch, _routing(ident, n_text))
+    maps_site.cross = {key: attn2}
 
     def csa_call():
-        return plain_site.replace(block.to_q(n), block.to_k(n), block.to_v(n), extra)
+        return plain_site.replace(attn1.to_q(n), attn1.to_k(n), attn1.to_v(n), extra)
 
-    def maps():
-        maps_site.observe(n, context, context, extra)
+    def cross_plain():
+        return attn2(n, context=context)
 
-    return _measure(csa_call, maps, _fold(_routing(ident, n_text), ident, (side, side), 36), 36, repeats)
+    def cross_maps():  # the attn2 patch, then the block's own attn2 with the site's hooks (as in a model call)
+        def run():
+            x, ctx, _ = maps_site.observe(n, context, context, extra)
+            return attn2(x, context=ctx)
+        return maps_site.apply_model(run)
+
+    return _measure({"csa": csa_call, "cross": cross_plain, "cross_maps": cross_maps},
+                    _fold(_routing(ident, n_text), ident, (side, side), 36), 36, repeats)
 
 
 def flux_case(attention, ident, sites, csa_patch, scale: int, repeats: int):
@@ -128,13 +135,18 @@ def flux_case(attention, ident, sites, csa_patch, scale: int, repeats: int):
     def maps():
         observing.observe(call, q.narrow(2, n_text, n_image), k.narrow(2, 0, n_text))
 
-    return _measure(csa_call, maps, _fold(_routing(ident, n_text), ident, (side, side), 48), 48, repeats)
+    return _measure({"csa": csa_call, "maps": maps}, _fold(_routing(ident, n_text), ident, (side, side), 48), 48,
+                    repeats)
 
 
-def _measure(csa_call, maps, fold, calls: int, repeats: int):
+def _measure(fns: dict, fold, calls: int, repeats: int):
+    """Times and peaks; "maps" is the masks' own cost per call (UNet: attn2 with the hooks minus attn2 alone)."""
     with torch.no_grad():
-        times = interleaved_times({"csa": csa_call, "maps": maps, "fold": fold}, repeats)
-        peaks = {"csa": peak_bytes(csa_call), "maps": peak_bytes(maps)}
+        times = interleaved_times({**fns, "fold": fold}, repeats)
+        peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
+    if "cross" in fns:
+        times["maps"] = times["cross_maps"] - times["cross"]
+        peaks["maps"] = max(0, peaks["cross_maps"] - peaks["cross"])
     per_step = (calls * times["maps"] + times["fold"]) / (calls * times["csa"])
     return times, peaks, per_step
 
@@ -149,8 +161,8 @@ def main() -> None:
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}, host attention {attention.optimized_attention.__name__}, "
         f"{FRAMES} frames x 2 characters, fp32{', quarter size' if opts.quick else ''}")
-    say("\n| shape | CSA call | maps (per call) | maps / CSA call | fold (per step) | per step: masks / CSA | "
-        "peak MB CSA / maps |")
+    say("\n| shape | CSA call | masks (per call) | masks / CSA call | fold (per step) | per step: masks / CSA | "
+        "peak MB CSA / added by masks |")
     say("|---|---|---|---|---|---|---|")
     for name, case in (("SDXL 1024 px layer A (32x32, 1280 ch, 20 heads, 77 text)", sdxl_case),
                        ("FLUX.1 1024 px double block (512 text + 4096 image, 24 x 128)", flux_case)):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 WRAPPER_KEY = "storykit_attention_site"
+MAPS_WRAPPER_KEY = "storykit_text_maps"
 log = logging.getLogger("storykit")
 
 
@@ -126,15 +127,6 @@ def unet_self_attention_layers(diffusion_model) -> dict[tuple, torch.nn.Module]:
     return {key: block.attn1 for key, block in unet_transformer_blocks(diffusion_model).items()}
 
 
-class _RowProjection:
-    """A projection of some rows only, on demand: the cross-attention q or k of the rows a technique reads."""
-
-    def __init__(self, linear, states: torch.Tensor):
-        self.linear, self.states = linear, states
-
-    def __getitem__(self, row: int) -> torch.Tensor:
-        row = min(row, self.states.shape[0] - 1)  # a context of batch 1 serves every row
-        return self.linear(self.states[row:row + 1])[0]
 
 
 class UNetSelfAttention:
@@ -146,6 +138,7 @@ class UNetSelfAttention:
         self.levels = levels      # resolution levels of the UNet (SD1.5 4, SDXL 3)
         self.technique = None
         self.cross: dict[tuple, torch.nn.Module] = {}  # attn2 of the selected blocks (text-to-image maps)
+        self._watch: list | None = None  # [attn2, SiteCall, q]: the cross-attention call whose q, k go on
 
     def __deepcopy__(self, memo):
         return self  # model_options are deep-copied on every clone: the site (and the modules it knows) is shared
@@ -192,10 +185,13 @@ class UNetSelfAttention:
         for block, number, index in self.layers:
             patched.set_model_attn1_replace(self.replace, block, number, index)
         if getattr(technique, "observe", None) is not None:  # cross-attention maps (identity routing's masks)
+            import comfy.patcher_extension
             blocks = unet_transformer_blocks(patched.model.diffusion_model)
             self.cross = {key: blocks[key].attn2 for key in self.layers
                           if key in blocks and getattr(blocks[key], "attn2", None) is not None}
             patched.set_model_attn2_patch(self.observe)
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, MAPS_WRAPPER_KEY,
+                                         self.apply_model)
 
     def capture(self, n, context, value, extra):
         """attn1 patch: reference frames' normed hidden states go to the bank."""
@@ -205,14 +201,39 @@ class UNetSelfAttention:
                 self.technique.capture(call, lambda row, index: n[row, index.to(n.device)])
         return n, context, value
 
+    def apply_model(self, executor, *args, **kwargs):
+        """Per model call: forward hooks on the selected blocks' attn2 q and k projections, live only inside the
+        call, so the technique reads the very q and k the host computes (no second projection)."""
+        hooks = []
+        for attn2 in self.cross.values():
+            hooks.append(attn2.to_q.register_forward_hook(functools.partial(self._projected, attn2, "q")))
+            hooks.append(attn2.to_k.register_forward_hook(functools.partial(self._projected, attn2, "k")))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._watch = None
+
     def observe(self, n, context, value, extra):
-        """attn2 patch: hands the technique the cross-attention's q and k, projected only for the rows it reads;
-        the block's inputs pass unchanged."""
+        """attn2 patch: names the cross-attention call whose q and k the hooks hand to the technique; the block's
+        inputs pass unchanged."""
         call = self.call(extra, n.shape[0], n.shape[1])
         attn2 = self.cross.get(call.block) if call is not None else None
-        if attn2 is not None and context is not None and self.technique.active(call):
-            self.technique.observe(call, _RowProjection(attn2.to_q, n), _RowProjection(attn2.to_k, context))
+        active = attn2 is not None and context is not None and self.technique.active(call)
+        self._watch = [attn2, call, None] if active else None
         return n, context, value
+
+    def _projected(self, attn2, which: str, module, args, output) -> None:
+        watch = self._watch
+        if watch is None or watch[0] is not attn2:
+            return
+        if which == "q":
+            watch[2] = output
+            return
+        self._watch = None
+        if watch[2] is not None:
+            self.technique.observe(watch[1], watch[2], output)
 
     def replace(self, q, k, v, extra):
         """attn1 replace of a selected layer: q, k, v projected once per frame."""

@@ -191,13 +191,15 @@ class ConsistentSelfAttention:
 
     def observe(self, call: sites.SiteCall, q_image, k_text) -> None:
         """Text-to-image attention maps of the characters' description tokens, for the routing's automatic
-        masks. q_image[row]: that row's image-token queries, k_text[row]: its text keys, in the call's layout."""
+        masks. q_image: the call's image-token queries, k_text: its text keys (the conditioning's rows after
+        call.text_offset), both in the call's layout (heads-first [rows, H, ., D] when call.heads)."""
         wanted = self.wanted_maps(call)
         if not wanted:
             return
         with torch.no_grad():
             for row, frame, columns in wanted:
-                maps = ident.text_attention_maps(q_image[row], k_text[row], [t for _, t in columns],
+                keys = k_text[min(row, k_text.shape[0] - 1)]  # a context of batch 1 serves every row
+                maps = ident.text_attention_maps(q_image[row], keys, [t for _, t in columns],
                                                  heads_first=bool(call.heads), n_heads=call.n_heads)
                 for (character, _), map_ in zip(columns, maps, strict=True):
                     self.routing.add_map(frame, character, map_.view(call.grid))

@@ -168,12 +168,18 @@ def test_single_character_story_is_bit_identical(node_class, tiny_sd15, host):
     assert not routing.bounded()
     with_patch = _patch(model.clone())
     assert with_patch.model_options["transformer_options"]["patches"]["attn2_patch"]
+    import comfy.patcher_extension
+    from storykit.nodes import attention_sites
     without = _patch(model.clone())
     without.model_options["transformer_options"]["patches"].pop("attn2_patch")
+    without.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, attention_sites.MAPS_WRAPPER_KEY)
+    assert with_patch.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, attention_sites.MAPS_WRAPPER_KEY)
     a = _sample(with_patch, positive, negative, plan, routing, 4)
     b = _sample(without, positive, negative, plan, None, 4)
     assert torch.equal(a, b)
     assert not routing.auto
+    for attn2 in with_patch.get_attachment("storykit_csa").site.cross.values():  # hooks live only inside a call
+        assert not attn2.to_q._forward_hooks and not attn2.to_k._forward_hooks
 
 
 def test_empty_automatic_mask_warns_and_shares_plainly(node_class, tiny_sd15, caplog, host):
