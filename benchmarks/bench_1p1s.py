@@ -118,7 +118,7 @@ def joint_attention_case(mod, host_attention, quick, frames=2, identity_rows=20,
     fns = {"plain joint attention": lambda: func(q, k, v, heads, skip_reshape=True),
            "site pass-through": lambda: call(PassThrough(), (n_text, n_image, None), q, k, v),
            "IPCA bias": lambda: call(bias, (n_text, n_image, None), q, k, v),
-           "IPCA exact (T5)": lambda: call(exact, (n_text + identity_rows, n_image), qe, ke, ve)}
+           "IPCA exact (T5)": lambda: call(exact, (n_text + identity_rows, n_image, None), qe, ke, ve)}
     with torch.no_grad():
         times = compare(fns, warmup=1, repeats=repeats)
         peaks = {label: peak_bytes(fn) for label, fn in fns.items()}

@@ -50,6 +50,11 @@ def _host():
     return attention, csa, attention_sites, csa_patch
 
 
+def _grid(n_image: int) -> tuple[int, int]:
+    side = int(round(n_image ** 0.5))
+    return side, n_image // side
+
+
 def block_case(frames, n_text, n_image, heads, dim, rate, repeats, attention, csa, sites, csa_patch):
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +62,7 @@ def block_case(frames, n_text, n_image, heads, dim, rate, repeats, attention, cs
     q, k, v = (torch.randn(frames, heads, length, dim, device=device) for _ in range(3))
     options = {"block_type": "double", "block_index": 0, "cond_or_uncond": [0],
                "sigmas": torch.full((frames,), 0.5)}
-    layout = (n_text, n_image, None)
+    layout = (n_text, n_image, _grid(n_image))
     func = attention.optimized_attention
     site = sites.JointAttention(sites.FAMILIES["Flux"], types.SimpleNamespace(patch_size=2), {("double", 0)})
     state = csa_patch.ConsistentSelfAttention([rate], 1e9, 0.0, seed=0)
@@ -118,7 +123,7 @@ def story_peak(attention, sites, csa_patch, frames_total: int, refs: int, batch:
                 q, k, v = (torch.randn(len(rows), heads, length, dim) for _ in range(3))
                 options = {"block_type": "double", "block_index": 0, "cond_or_uncond": [0],
                            "sigmas": torch.full((len(rows),), 1.0 - 0.1 * step)}
-                site.attention(state, (n_text, n_image, None), None, func, q, k, v, heads, skip_reshape=True, mask=None,
+                site.attention(state, (n_text, n_image, _grid(n_image)), None, func, q, k, v, heads, skip_reshape=True, mask=None,
                                transformer_options=options)
                 del q, k, v
         bank = state.bank.nbytes()

@@ -199,10 +199,15 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attentio
                         values.append(bank_v.index_select(axis, picked).to(v.dtype))
             kk = torch.cat(keys, dim=axis) if len(keys) > 1 else keys[0]
             vv = torch.cat(values, dim=axis) if len(values) > 1 else values[0]
-            part = attention(q[i].index_select(axis, queries)[None], kk[None], vv[None])[0]
+            whole = queries.numel() == labels.numel()  # one label in the row: its queries as they are, no copy
+            part = attention((q[i] if whole else q[i].index_select(axis, queries))[None], kk[None], vv[None])[0]
             if out is None:
                 out = part.new_empty(q.shape[0], q.shape[axis + 1], part.shape[-1])
-            out[i].index_copy_(0, queries, part)
+            if whole:
+                out[i] = part
+            else:
+                out[i].index_copy_(0, queries, part)
+            del part, kk, vv, keys, values
     return out
 
 

@@ -257,3 +257,54 @@ def _mark_references(plan: StoryPlan, mode: str, defined_on: dict[str, int]) -> 
     else:
         raise _fail("reference mode", f"unknown mode {mode!r}", "Use 'auto' or 'first'.")
     return [dataclasses.replace(f, reference=f.index in chosen) for f in plan.frames]
+
+
+def parse_frames(text: str, plan: StoryPlan, where: str) -> tuple[int, ...]:
+    """'2, 4-6' (1-based story frame numbers) -> frame indices; '' -> (); errors name `where` and the range."""
+    chosen: list[int] = []
+    for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+        first, _, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"{where}: {part!r} is not a frame number or range; write e.g. '2, 4-6'") from None
+        if not 1 <= lo <= hi <= len(plan.frames):
+            raise ValueError(f"{where}: frames {part!r} is outside the story; it has frames 1-{len(plan.frames)}")
+        chosen.extend(i - 1 for i in range(lo, hi + 1) if i - 1 not in chosen)
+    return tuple(chosen)
+
+
+def parse_layout(text: str, plan: StoryPlan, node: str) -> tuple:
+    """A layout input: one line per frame, 'FRAME: [Name@place], [Name@place]' (frame numbers 1-based as in the
+    preview) -> ((frame index, name, box), ...). Errors name the line and the fix."""
+    out = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        where = f"{node}: layout line {number} ({line[:40]})"
+        head, colon, body = line.partition(":")
+        if not colon:
+            raise ValueError(f"{where}: write 'FRAME: [Name@place], ...', e.g. '4: [Lena@left], [Bob@right]'")
+        frames = parse_frames(head, plan, where)
+        tags = [t.strip() for t in TAG.findall(body)]
+        if not tags or TAG.sub("", body).strip(" ,"):
+            raise ValueError(f"{where}: after the frame number write [Name@place] tags only, e.g. "
+                             "'[Lena@left], [Bob@right]'")
+        for tag in tags:
+            name, at, place = (p.strip() for p in tag.partition("@"))
+            if not at:
+                raise ValueError(f"{where}: [{tag}] has no place; write [{name}@left] or [{name}@x0,y0,x1,y1]")
+            try:
+                box = parse_box(place)
+            except ValueError as error:
+                raise ValueError(f"{where}: [{tag}]: {error}") from None
+            for index in frames:
+                frame = plan.frames[index]
+                match = next((c for c in frame.characters if c.lower() == name.lower()), None)
+                if match is None:
+                    who = ", ".join(f"[{c}]" for c in frame.characters) or "no character"
+                    raise ValueError(f"{where}: frame {index + 1} (story line {frame.line}) does not show "
+                                     f"[{name}] (it shows {who}); name a character of that frame")
+                out.append((index, match, box))
+    return tuple(out)

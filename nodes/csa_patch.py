@@ -11,6 +11,7 @@ Clones of the patched MODEL share the object (`__deepcopy__`), two CSA nodes mak
 """
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from ..kernels import consistent_attention as csa
 from ..kernels import identity_routing as ident
 from . import attention_sites as sites
+from . import routing
 
 log = logging.getLogger("storykit")
 
@@ -68,6 +70,8 @@ class ConsistentSelfAttention:
         self.bank_enabled = True  # False: the story sampler re-runs the references beside each reader batch
         self.plan: list[StoryFrame] | None = None
         self.routing = None  # kernels.identity_routing.Routing of the story run (bounded sharing), or None
+        self.photo_inputs: dict = {}  # row of the batch -> (photo latent in model space, its fixed noise)
+        self.model_sampling = None
         self.site = None
         self.holds = 0
         self._samples: dict[tuple, torch.Tensor] = {}
@@ -94,7 +98,8 @@ class ConsistentSelfAttention:
             self.release()
 
     def release(self) -> None:
-        self.routing = None  # nothing of one story's masks survives into the next
+        self.routing = None  # nothing of one story's masks or photos survives into the next
+        self.photo_inputs = {}
         self.bank.clear()
         self.bank_characters.clear()
         self._samples.clear()
@@ -314,7 +319,10 @@ def patch_model(model, rates: list[float], layer_set: str, start_percent: float,
                                     sampling.percent_to_sigma(end_percent), skip_probability, seed, window,
                                     bank_dtype, bank_storage)
     state.site = site
+    state.model_sampling = sampling
     site.install(patched, state)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, routing.WRAPPER_KEY,
+                                 functools.partial(routing.photo_wrapper, state))
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, ATTACHMENT, state.on_cleanup)
     patched.set_attachments(ATTACHMENT, state)
     return patched

@@ -9,8 +9,7 @@ import torch
 from .v3 import io
 
 from ..kernels import story_plan
-from . import csa_patch
-from . import story_tokens
+from . import csa_patch, routing, story_tokens
 
 log = logging.getLogger("storykit")
 
@@ -258,6 +257,8 @@ def bank_budget(gigabytes: float) -> int:
 
 
 BANK_SHARE_OF_FREE_RAM = 0.5
+PIXELS_PER_LATENT = 8  # masks and the routing picture are given and shown at latent size x 8
+PHOTO_SEED = 1_000_003  # photo k's fixed noise: seed + PHOTO_SEED * (k + 1)
 
 
 class StorySampler(io.ComfyNode):
@@ -308,7 +309,12 @@ class StorySampler(io.ComfyNode):
                                 tooltip="Optional SIGMAS (BasicScheduler, Flux2Scheduler, ...), as ComfyUI's own "
                                         "DiT templates build them; replaces steps, scheduler and denoise."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(),
+                     io.Image.Output(display_name="routing",
+                                     tooltip="Who is where in each frame, as the sharing used it: one colour per "
+                                             "character, black background, grey not shared. Blend it over the "
+                                             "decoded frames (StoryKit Routing Overlay) to see why a face "
+                                             "leaked.")],
         )
 
     @classmethod
@@ -336,56 +342,73 @@ class StorySampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
         per_frame = samples if samples.shape[0] == n_frames else samples.expand(n_frames, *samples.shape[1:])
         seeds = [seed if seed_mode.startswith("same") else (seed + i) % 2 ** 64 for i in range(n_frames)]
-        noise = torch.cat([comfy.sample.prepare_noise(per_frame[i:i + 1], seeds[i]) for i in range(n_frames)])
+        prepared = routing.prepare(plan, per_frame.shape, PIXELS_PER_LATENT)
+        photos = routing.photo_latents(prepared, per_frame.shape, PIXELS_PER_LATENT)
+        if photos and state is None:
+            raise ValueError("StoryKit Story Sampler: the story has a character photo but the model has no "
+                             "Consistent Self-Attention; connect the model through it")
+        latents = torch.cat([per_frame, *(photos[i].to(per_frame) for i in sorted(photos))])
+        seeds += [(seed + PHOTO_SEED * (n + 1)) % 2 ** 64 for n in range(len(photos))]
+        noise = torch.cat([comfy.sample.prepare_noise(latents[i:i + 1], seeds[i]) for i in range(len(latents))])
+        full = prepared.plan_of(plan)
 
         if sigmas is not None:
             if sigmas.numel() < 2:
                 raise ValueError("StoryKit Story Sampler: sigmas holds fewer than 2 values: connect a scheduler "
                                  "with at least 1 step")
             steps = sigmas.numel() - 1
-        batches = [(rows, rows) for rows in story_batches(plan, batch_size)]
-        if state is not None and cls._bank_too_big(state, plan, per_frame.shape, steps, cfg, bank_memory_gb):
+        batches = [(rows, rows) for rows in story_batches(full, batch_size)]
+        if state is not None and cls._bank_too_big(state, full, per_frame.shape, steps, cfg, bank_memory_gb):
             state.bank_enabled = False
-            refs = set(plan.reference_indices())
-            batches = [(rows, rows) if rows[0] in refs else (with_references(plan, rows), rows)
+            refs = set(full.reference_indices())
+            batches = [(rows, rows) if rows[0] in refs else (with_references(full, rows), rows)
                        for rows, _ in batches]
+        batches = [(rows, [i for i in keep if i < n_frames]) for rows, keep in batches]
         total = sum(len(rows) for rows, _ in batches) * steps
         result = torch.empty_like(per_frame)
         progress = comfy.utils.ProgressBar(total)
         done = 0
         try:
             with state.story_run() if state else contextlib.nullcontext():
+                if state is not None:
+                    state.routing = prepared.routing
                 for rows, keep in batches:
                     comfy.model_management.throw_exception_if_processing_interrupted()
                     if state is not None:
-                        state.plan = [csa_patch.StoryFrame(i, frozenset(plan.frames[i].characters),
-                                                           plan.frames[i].reference) for i in rows]
+                        state.plan = [csa_patch.StoryFrame(i, frozenset(full.frames[i].characters),
+                                                           full.frames[i].reference) for i in rows]
+                        process_in = model.model.process_latent_in
+                        state.photo_inputs = {r: (process_in(photos[i]), noise[i:i + 1])
+                                              for r, i in enumerate(rows) if i in photos}
 
                     def on_step(step, x0, x, total_steps, done=done, size=len(rows)):
                         comfy.model_management.throw_exception_if_processing_interrupted()
                         progress.update_absolute(done + (step + 1) * size, total)
 
-                    conds = _frame_rows(positive, rows, n_frames)
+                    conds = _frame_rows(positive, [prepared.cond_row[i] for i in rows], n_frames)
                     if sigmas is None and sampler is None:
                         out = comfy.sample.sample(model, noise[rows], steps, cfg, sampler_name, scheduler, conds,
-                                                  negative, per_frame[rows], denoise=denoise, callback=on_step,
+                                                  negative, latents[rows], denoise=denoise, callback=on_step,
                                                   disable_pbar=True, seed=seeds[rows[0]])
                     else:  # the SamplerCustomAdvanced pieces: a SAMPLER object and/or a SIGMAS schedule
                         out = comfy.sample.sample_custom(
                             model, noise[rows], cfg, sampler or comfy.samplers.sampler_object(sampler_name),
                             sigmas if sigmas is not None else cls._sigmas(model, scheduler, steps, denoise),
-                            conds, negative, per_frame[rows], callback=on_step, disable_pbar=True,
+                            conds, negative, latents[rows], callback=on_step, disable_pbar=True,
                             seed=seeds[rows[0]])
-                    result[keep] = out[[rows.index(i) for i in keep]].to(result.dtype)
+                    if keep:
+                        result[keep] = out[[rows.index(i) for i in keep]].to(result.dtype)
                     done += len(rows) * steps
                     progress.update_absolute(done, total)
+                pictures = routing.routing_pictures(prepared.routing, list(plan.characters), plan.frames,
+                                                    per_frame.shape, PIXELS_PER_LATENT)
         finally:
             if state is not None:
                 state.bank_enabled = True
+                state.photo_inputs = {}
         output = {key: value for key, value in latent_image.items() if key not in ("noise_mask", "batch_index")}
         output["samples"] = result
-        return io.NodeOutput(output)
-
+        return io.NodeOutput(output, pictures)
 
     @staticmethod
     def _sigmas(model, scheduler: str, steps: int, denoise: float):

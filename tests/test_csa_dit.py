@@ -110,7 +110,7 @@ def test_rate_one_is_joint_attention_over_all_frames_and_text_is_untouched(host,
         q, k, v = call["args"][:3]
         heads = call["args"][3] if len(call["args"]) > 3 else call["kwargs"]["heads"]
         split = bool(call["kwargs"].get("skip_reshape"))
-        n_text, n_image = call["layout"][:2]
+        n_text, n_image, _ = call["layout"]
         length = q.shape[2 if split else 1]
         if not call["selected"] or length < n_image:
             assert torch.equal(call["out"], call["plain"]), call["block"]

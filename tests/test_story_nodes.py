@@ -74,7 +74,7 @@ def _csa(node_class, model, rate=0.5, **kw):
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_story_sampler_result_does_not_depend_on_batch_size(node_class, tiny_sd15, sampler):
     model, clip, _ = tiny_sd15
-    positive, negative, plan, _ = _prompt(node_class, clip)
+    positive, negative, plan, _ = _prompt(node_class, clip, references_per_character=1)  # single-character readers
     patched = _csa(node_class, model.clone())
     state = patched.get_attachment("storykit_csa")
     one = _sample(node_class, patched, positive, negative, plan, batch_size=1, sampler=sampler)["samples"]
