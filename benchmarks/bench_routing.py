@@ -1,7 +1,7 @@
 """Identity routing side by side in one run: unmasked CSA against bounded CSA with two characters' masks, at SDXL's
 64x64 decoder layer (layer A) and one FLUX block at 1024 px, through the real sites and CSA state the nodes
 install; the identity leak (attention mass from A's queries to B's shared tokens) in both; what a photo reference
-adds per step.
+adds per step; what automatic masks (the text-to-image maps of each character's description) add per step.
 
     bash tools/storykit.sh python benchmarks/bench_routing.py [--quick] [--repeats 3] [--rate 0.5]
 
@@ -166,6 +166,99 @@ def photo_cost(n_text, n_image, heads, dim, rate, repeats, attention, sites, csa
     return times
 
 
+def _auto_routing(ident, n_text: int, frames: int = 4, description: int = 10):
+    """Two characters in every frame, each with `description` text positions, no given masks: automatic."""
+    routing = ident.Routing(["A", "B"])
+    for f in range(frames):
+        routing.add_frame(f, ["A", "B"], tokens={"A": torch.arange(3, 3 + description),
+                                                 "B": torch.arange(20, 20 + description) % n_text})
+    return routing
+
+
+def _auto_state(csa_patch, routing, frames: int = 4):
+    state = csa_patch.ConsistentSelfAttention([0.5], 1e9, 0.0, seed=0)
+    state.plan = [csa_patch.StoryFrame(f, frozenset({"A", "B"}), False) for f in range(frames)]
+    state.routing = routing
+    return state
+
+
+def _fold(routing, grid, calls: int, frames: int = 4):
+    """One step's fold: `calls` maps per frame and character, then every frame's labels on the grid."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(grid, generator=g) for _ in range(4)]
+    sigma = [10.0]
+
+    def run():
+        for f in range(frames):
+            for c in (1, 2):
+                for i in range(calls):
+                    routing.add_map(f, c, maps[(f + c + i) % 4])
+        sigma[0] -= 0.01
+        routing.at_sigma(sigma[0])
+        for f in range(frames):
+            routing.labels(f, grid)
+    return run
+
+
+def auto_mask_cost(scale, repeats, attention, sites, csa_patch, ident):
+    """Automatic masks' own cost against the (unmasked) CSA call they ride on; 4 frames, two characters of 10
+    description tokens each, every frame bounded.
+
+    SDXL layer A (4096 tokens x 640 channels, 10 heads, 77 text tokens of 2048 channels), 4 frames x 2 CFG halves:
+    masks = the host's CrossAttention (attn2) with the site's attn2 patch and its q/k hooks (maps of the 4 cond
+    rows handed to the Routing) minus the same attn2 alone. FLUX block (512 text + 4096 image tokens, 24 x 128),
+    cond only: masks = ConsistentSelfAttention.observe on the call's q and k. fold = once per step: the Routing
+    folding every call's maps of the step (36 calls: SDXL's up blocks; 48: FLUX's default blocks) and the 4 frames'
+    labels (smoothing, Otsu). Per step = calls x masks + fold, against calls x the CSA call."""
+    out = {}
+    torch.manual_seed(0)
+    tokens, channels, heads, n_text, width = 4096 // scale, 640, 10, 77, 2048
+    grid = _grid(tokens)
+    attn1 = Attn1(channels, heads).eval()
+    attn2 = attention.CrossAttention(channels, width, heads, channels // heads, operations=torch.nn).eval()
+    key = ("output", 0, 0)
+    n, context = torch.randn(8, tokens, channels), torch.randn(8, n_text, width)
+    extra = {"block": ("output", 0), "block_index": 0, "n_heads": heads, "cond_or_uncond": [1, 0],
+             "sigmas": torch.full((8,), 5.0), "original_shape": [8, 4, *grid], "attn_precision": None}
+    plain_site, maps_site = sites.UNetSelfAttention({key: attn1}, 3), sites.UNetSelfAttention({key: attn1}, 3)
+    plain_site.technique = _auto_state(csa_patch, None)
+    maps_site.technique = _auto_state(csa_patch, _auto_routing(ident, n_text))
+    maps_site.cross = {key: attn2}
+
+    def with_maps():  # the attn2 patch, then the block's own attn2 with the site's hooks (as in a model call)
+        def run():
+            x, ctx, _ = maps_site.observe(n, context, context, extra)
+            return attn2(x, context=ctx)
+        return maps_site.apply_model(run)
+    fns = {"csa": lambda: plain_site.replace(attn1.to_q(n), attn1.to_k(n), attn1.to_v(n), extra),
+           "attn2": lambda: attn2(n, context=context), "attn2 + masks": with_maps,
+           "fold": _fold(_auto_routing(ident, n_text), grid, 36)}
+    with torch.no_grad():
+        t = interleaved_times(fns, repeats)
+        peak = {name: peak_bytes(fns[name]) for name in ("csa", "attn2", "attn2 + masks")}
+    out["SDXL 1024px up 64x64 (layer A)"] = (t["csa"], t["attn2 + masks"] - t["attn2"], t["fold"], 36, peak["csa"],
+                                             max(0, peak["attn2 + masks"] - peak["attn2"]))
+
+    torch.manual_seed(0)
+    n_text, n_image, heads, dim = 512 // scale, 4096 // scale, 24, 128
+    grid = _grid(n_image)
+    q, k, v = (torch.randn(4, heads, n_text + n_image, dim) for _ in range(3))
+    options = {"block_type": "double", "block_index": 0, "cond_or_uncond": [0], "sigmas": torch.full((4,), 0.5)}
+    site = sites.JointAttention(sites.FAMILIES["Flux"], types.SimpleNamespace(patch_size=2), {("double", 0)})
+    plain, observing = _auto_state(csa_patch, None), _auto_state(csa_patch, _auto_routing(ident, n_text))
+    call = sites.SiteCall(("double", 0), [(0, slice(0, 4))], slice(n_text, n_text + n_image), 0.5, heads=heads,
+                          n_heads=heads, grid=grid, text=slice(0, n_text))
+    fns = {"csa": lambda: site.attention(plain, (n_text, n_image, grid), None, attention.optimized_attention, q, k,
+                                         v, heads, skip_reshape=True, mask=None, transformer_options=options),
+           "masks": lambda: observing.observe(call, q.narrow(2, n_text, n_image), k.narrow(2, 0, n_text)),
+           "fold": _fold(_auto_routing(ident, n_text), grid, 48)}
+    with torch.no_grad():
+        t = interleaved_times(fns, repeats)
+        peak = {name: peak_bytes(fns[name]) for name in ("csa", "masks")}
+    out["FLUX.1 block 1024px"] = (t["csa"], t["masks"], t["fold"], 48, peak["csa"], peak["masks"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the tokens")
@@ -200,6 +293,16 @@ def main() -> None:
     say(f"\nPhoto reference at one FLUX block{' /4' if opts.quick else ''}: reference batch of 2 {base:.3f} s, with "
         f"a photo row {more:.3f} s ({more / base:.2f}x); bank per photo per step at 1024 px, FLUX.1 default blocks: "
         f"{per_step / 1e6:.0f} MB (as one reference frame)")
+
+    say("\nAutomatic masks (text-to-image maps of two characters in each of 4 frames) against the unmasked CSA call:")
+    say("| shape | CSA call | masks per call | masks / CSA call | fold per step | per step: masks / CSA | "
+        "peak MB CSA / added by masks |")
+    say("|---|---|---|---|---|---|---|")
+    for name, (csa_time, masks, fold, calls, csa_peak, masks_peak) in auto_mask_cost(
+            scale, opts.repeats, attention, sites, csa_patch, ident).items():
+        say(f"| {name}{' /4' if opts.quick else ''} | {csa_time:.3f} s | {masks:.3f} s | {masks / csa_time:.3f}x | "
+            f"{fold:.3f} s | {(calls * masks + fold) / (calls * csa_time):.3f}x | {csa_peak / 2 ** 20:.0f} / "
+            f"{masks_peak / 2 ** 20:.0f} |")
 
 
 if __name__ == "__main__":
