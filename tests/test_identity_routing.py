@@ -204,3 +204,33 @@ def test_empty_automatic_mask_warns_and_shares_plainly(node_class, tiny_sd15, ca
         labels = flat.labels(0, (4, 4)).view(4, 4)
     assert any("automatic mask of Lena in frame 1 is empty" in r.getMessage() for r in caplog.records)
     assert labels[:, 2:].eq(2).all() and labels[:, :2].eq(1).all()  # Bob's half is his, the rest hers
+
+
+def _story_sampler(node_class, model, positive, negative, plan, channels, size, cfg):
+    latent = {"samples": torch.zeros(1, channels, size, size)}
+    return node_class("StoryKitStorySampler").execute(
+        model=model, positive=positive, negative=negative, story=plan, latent_image=latent, seed=3,
+        seed_mode="same for all frames", steps=3, cfg=cfg, sampler_name="euler", scheduler="normal", batch_size=4,
+        denoise=1.0).result
+
+
+@pytest.mark.parametrize("kind", ["sd15", "flux"])
+def test_story_sampler_routes_the_meeting_frame_by_automatic_masks(kind, node_class, host):
+    """Story Prompt -> Consistent Self-Attention -> Story Sampler, no places or masks: the meeting frame's routing
+    picture shows both characters (from the description tokens' attention), the solo frames one each."""
+    model, clip, _ = _models(kind)
+    positive, negative, plan, _ = _prompt(node_class, clip)
+    patched = node_class("StoryKitConsistentSelfAttention").execute(
+        model=model.clone(), sampling_rate=0.5, rate_per_level="", layers="decoder", start_percent=0.0,
+        end_percent=1.0, skip_probability=0.0, seed=0, window_size=0, bank_precision="fp32",
+        bank_location="cpu").result[0]
+    channels = model.model.latent_format.latent_channels
+    latent, pictures = _story_sampler(node_class, patched, positive, negative, plan, channels, 16,
+                                      1.0 if kind == "flux" else 4.0)
+    assert torch.isfinite(latent["samples"]).all() and pictures.shape[0] == 3
+    lena, bob = (torch.tensor(c) for c in ident.PALETTE[:2])
+
+    def has(picture, colour):
+        return bool(torch.isclose(picture, colour, atol=1e-4).all(-1).any())
+    assert has(pictures[2], lena) and has(pictures[2], bob)
+    assert torch.isclose(pictures[0], lena, atol=1e-4).all() and torch.isclose(pictures[1], bob, atol=1e-4).all()
