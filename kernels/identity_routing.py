@@ -157,6 +157,7 @@ class Routing:
         self._sigma: float | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
         self.empty_warned: set[tuple[int, int]] = set()
+        self.titles: dict[int, str] = {}  # frame -> how warnings name it ("frame 3" unless set, e.g. a photo)
 
     def add_frame(self, frame: int, characters, given: dict[str, torch.Tensor] | None = None,
                   sources: dict[str, str] | None = None, bounded: bool = False,
@@ -211,6 +212,9 @@ class Routing:
         else:
             sums[grid] = [map_, 1]
 
+    def title(self, frame: int) -> str:
+        return self.titles.get(frame, f"frame {frame + 1}")
+
     def no_mask(self, frame: int, character: int, why: str) -> None:
         """A character whose automatic mask is empty (or cannot be made): warn once, and it shares plainly: the
         frame's tokens no other character's mask claims are its own."""
@@ -218,9 +222,10 @@ class Routing:
             return
         self.empty_warned.add((frame, character))
         self._cache.clear()
-        log.warning("StoryKit identity routing: the automatic mask of %s in frame %d is empty (%s); %s shares "
-                    "plainly there (give a Character Mask or a place like [%s@left] to bound it)",
-                    self.names[character - 1], frame + 1, why, self.names[character - 1], self.names[character - 1])
+        name = self.names[character - 1]
+        log.warning("StoryKit identity routing: the automatic mask of %s in %s is empty (%s); %s shares plainly "
+                    "there, on the tokens no other character's mask claims (give a Character Mask or a place like "
+                    "[%s@left] to bound it)", name, self.title(frame), why, name, name)
 
     # ------------------------------------------------------------------ labels
     def mask_of(self, frame: int, character: int, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -267,6 +272,11 @@ class Routing:
             labels = labels_from_masks(masks, grid, rest, self.threshold)
             if len(plain) == 1 and not pending:  # plain sharing for the one character without a mask
                 labels = torch.where(labels == rest, plain[0], labels)
+            elif len(plain) > 1 and (frame, BACKGROUND) not in self.empty_warned:
+                self.empty_warned.add((frame, BACKGROUND))
+                log.warning("StoryKit identity routing: %s: %s have no mask; they share nothing there (no "
+                            "guess which tokens are whose)", self.title(frame),
+                            " and ".join(self.names[c - 1] for c in plain))
         self._cache[key] = labels
         return labels
 

@@ -95,6 +95,7 @@ def prepare(plan: story_plan.StoryPlan, latent_shape, ratio: int) -> Prepared:
     options: RoutingOptions = plan.extras.get("routing") or RoutingOptions()
     frames = list(plan.frames)
     photos: dict[int, Photo] = {}
+    titles: dict[int, str] = {}  # how warnings name the photo frames
     cond_row = {f.index: f.index for f in frames}
     only = {p.name for p in plan.extras.get("photos", ()) if p.only}
     if only:  # the photo is the character's identity: its generated frames read, none writes
@@ -106,6 +107,7 @@ def prepare(plan: story_plan.StoryPlan, latent_shape, ratio: int) -> Prepared:
         frames.append(story_plan.Frame(index=index, prompt=source.prompt, characters=(photo.name,),
                                        caption="", line=source.line, reference=True))
         photos[index] = photo
+        titles[index] = f"the photo of {photo.name}"
         cond_row[index] = source.index
     if options.mode == "off":
         return Prepared(frames, photos, None, cond_row)
@@ -120,6 +122,7 @@ def prepare(plan: story_plan.StoryPlan, latent_shape, ratio: int) -> Prepared:
     places.update({(f.index, name): box for f in plan.frames for name, box in f.places})
     tokens = plan.extras.get("tokens", {})
     routing = ident.Routing(list(plan.characters), options.share_background)
+    routing.titles = titles
     for frame in frames:
         given, sources = {}, {}
         for name in frame.characters:

@@ -234,3 +234,34 @@ def test_story_sampler_routes_the_meeting_frame_by_automatic_masks(kind, node_cl
         return bool(torch.isclose(picture, colour, atol=1e-4).all(-1).any())
     assert has(pictures[2], lena) and has(pictures[2], bob)
     assert torch.isclose(pictures[0], lena, atol=1e-4).all() and torch.isclose(pictures[1], bob, atol=1e-4).all()
+
+
+@pytest.mark.parametrize("blank", [False, True])
+def test_photo_without_mask_takes_an_automatic_mask_or_warns_and_shares_plainly(blank, node_class, tiny_sd15,
+                                                                                 monkeypatch, caplog, host):
+    """A Character Photo without a MASK: its mask comes from its description's attention (the bank gets Lena's
+    and background labels); when the description has no tokens, a warning names the photo's character and the
+    whole photo is shared as hers."""
+    model, clip, vae = tiny_sd15
+    positive, negative, plan, _ = _prompt(node_class, clip, SOLO)
+    if blank:
+        plan.extras["tokens"][0] = {"Lena": torch.zeros(0, dtype=torch.long)}
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    plan = node_class("StoryKitCharacterPhoto").execute(story=plan, vae=vae, character="Lena", image=photo,
+                                                        use="photo only", mask=None).result[0]
+    patched = _patch(model.clone(), rate=0.5)
+    state = patched.get_attachment("storykit_csa")
+    writes = []
+    real_write = state.bank.write
+    monkeypatch.setattr(state.bank, "write", lambda *a, **kw: (writes.append((a[3], kw.get(
+        "labels", a[5] if len(a) > 5 else None))), real_write(*a, **kw)))
+    with caplog.at_level(logging.WARNING, logger="storykit"):
+        _story_sampler(node_class, patched, positive, negative, plan, 4, 8, 4.0)
+    warned = [r.getMessage() for r in caplog.records if "automatic mask of Lena in the photo of Lena" in r.getMessage()]
+    assert {frame for frame, _ in writes} == {2}  # the photo row is the one reference
+    labels = set().union(*(set(lab.tolist()) for _, lab in writes if lab is not None))
+    if blank:
+        assert len(warned) == 1 and "shares plainly" in warned[0]
+        assert labels == {1, ident.UNKNOWN} or labels == {1}  # unknown before the step's fold, then all hers
+    else:
+        assert not warned and {0, 1} <= labels <= {1, 0, ident.UNKNOWN}  # hers and background

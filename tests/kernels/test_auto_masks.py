@@ -33,3 +33,13 @@ def test_maps_of_half_precision_inputs_are_float32_and_empty_sets_zero():
     q, k = torch.randn(16, 32).half(), torch.randn(8, 32).half()
     got = ident.text_attention_maps(q, k, [torch.tensor([1]), torch.zeros(0, dtype=torch.long)], False, 2)
     assert got.dtype == torch.float32 and got.shape == (2, 16) and got[1].eq(0).all() and got[0].gt(0).all()
+
+
+def test_two_characters_without_masks_share_nothing_and_say_so(caplog):
+    routing = ident.Routing(["Lena", "Bob"])
+    routing.add_frame(0, ["Lena", "Bob"])
+    routing.no_mask(0, 1, "no tokens")
+    routing.no_mask(0, 2, "no tokens")
+    with caplog.at_level("WARNING", logger="storykit"):
+        assert routing.labels(0, (4, 4)).eq(ident.UNKNOWN).all()
+    assert any("Lena and Bob have no mask; they share nothing" in r.getMessage() for r in caplog.records)
