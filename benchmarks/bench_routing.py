@@ -111,7 +111,9 @@ def _leaks(q, k, plain, bounded, grid, rate, call, csa, heads_first, heads=1, st
     sigma = 5.0 if not heads_first else 0.5
     samples = {j: plain._sample(j, n_image, rate, sigma) + start for j in (1, 2, 3)}
     axis = 1 if heads_first else 0
-    take = (lambda t, idx: t.index_select(axis, idx))
+
+    def take(t, idx):
+        return t.index_select(axis, idx)
     own = k[0]
     keys = torch.cat([own] + [take(k[j], samples[j]) for j in (1, 2, 3)], dim=axis)
     b_keys = take(k[2], samples[2])
