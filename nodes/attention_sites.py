@@ -127,8 +127,6 @@ def unet_self_attention_layers(diffusion_model) -> dict[tuple, torch.nn.Module]:
     return {key: block.attn1 for key, block in unet_transformer_blocks(diffusion_model).items()}
 
 
-
-
 class UNetSelfAttention:
     """UNet attn1: the patch captures normed hidden states for the bank, the replace attends with q, k, v."""
     family = "unet"
