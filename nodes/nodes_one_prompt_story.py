@@ -309,8 +309,8 @@ class OnePromptStoryEncode(io.ComfyNode):
                         "CONDITIONING row per frame, in one batch: use a latent batch of `frames` pictures.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder: the checkpoint's CLIP (SD1.5, SDXL, SD3.5) "
-                              "or the loader's (FLUX.1 DualCLIPLoader flux, Chroma T5, Qwen-Image Qwen2.5-VL, "
-                              "Z-Image Qwen3). LoRAs and CLIP Set Last Layer applied before this node are kept."),
+                              "or the loader's (FLUX.1 DualCLIPLoader flux, FLUX.2 Mistral 3, Chroma T5, "
+                              "Qwen-Image Qwen2.5-VL, Z-Image Qwen3). LoRAs and CLIP Set Last Layer applied before this node are kept."),
                 io.String.Input("identity_prompt", multiline=True,
                                 default="a watercolor illustration of a fox wearing a red scarf",
                                 tooltip="Who the story is about and the style, said once; every frame starts with "
@@ -553,7 +553,7 @@ class IdentityPreservingCrossAttention(io.ComfyNode):
                 io.Combo.Input("path", options=IPCA_PATHS, default=IPCA_PATHS[0],
                                tooltip="bias: a ln 2 logit bias on the identity columns. Exact (the paper's "
                                        "concatenation) for causal text encoders: CLIP (SD1.5, SDXL), Qwen2.5-VL "
-                                       "(Qwen-Image), Qwen3 (Z-Image). On T5 (FLUX.1, Chroma, SD3.5) it is an "
+                                       "(Qwen-Image), Qwen3 (Z-Image), Mistral 3 (FLUX.2). On T5 (FLUX.1, Chroma, SD3.5) it is an "
                                        "APPROXIMATION: T5 reads P0 in the context of the frames. concatenated: "
                                        "the identity prompt encoded alone is added (exact for every encoder; on a "
                                        "DiT it runs P0 as extra text rows of each frame, a little slower)."),
