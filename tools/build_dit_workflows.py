@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # family: (loaders, model sampling node or None, guidance (FluxGuidance) or None, cfg, steps, sampler, scheduler,
-#          latent node, size)
+#          latent node, size, and the template's scheduler node, when it has one, for the Story Sampler's sigmas)
 FAMILIES = {
     "flux": {"clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
                                          "type": "flux"}),
@@ -24,7 +24,7 @@ FAMILIES = {
     "flux2": {"clip": ("CLIPLoader", {"clip_name": "mistral_3_small_flux2_bf16.safetensors", "type": "flux2"}),
               "unet": "flux2_dev_fp8mixed.safetensors", "vae": "full_encoder_small_decoder.safetensors",
               "sampling": None, "guidance": 4.0, "cfg": 1.0, "steps": 20, "sampler": "euler", "scheduler": "simple",
-              "latent": "EmptyFlux2LatentImage", "size": 1024, "negative": ""},
+              "latent": "EmptyFlux2LatentImage", "size": 1024, "negative": "", "sigmas": "Flux2Scheduler"},
     "qwen_image": {"clip": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
                                            "type": "qwen_image"}),
                    "unet": "qwen_image_fp8_e4m3fn.safetensors", "vae": "qwen_image_vae.safetensors",
@@ -88,6 +88,10 @@ def build(nodes_module, family: str) -> str:
     g.connect(prompt, 1, sampler, "negative")
     g.connect(prompt, 2, sampler, "story")
     g.connect(latent, "LATENT", sampler, "latent_image")
+    if spec.get("sigmas"):  # FLUX.2's template: a schedule that depends on the picture size
+        sigmas = g.add(spec["sigmas"], {"steps": spec["steps"], "width": spec["size"], "height": spec["size"]},
+                       pos=(700, 880))
+        g.connect(sigmas, "SIGMAS", sampler, "sigmas")
     decode = _decode_and_save(g, sampler, vae, f"storykit_csa_{family}", (1520, 80), (1900, 80), 420)
     captions = g.add("PreviewAny", title="Captions", pos=(1120, 600))
     g.connect(prompt, 3, captions, "source")
@@ -145,9 +149,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO.parent))
     from storykit.runner import host
     h = host.boot(cpu=True)
-    # flux2 is written only on request: the host 0.3.75 cannot build FLUX.2's tokenizer with transformers 5, so its
-    # graph cannot be run headless in the tests yet, and a shipped workflow must be
-    for name in sys.argv[1:] or [*(f for f in FAMILIES if f != "flux2"), "1p1s_flux"]:
+    for name in sys.argv[1:] or [*FAMILIES, "1p1s_flux"]:
         if name == "1p1s_flux":
             text, target = build_1p1s(h.nodes, "flux"), "storykit_1p1s_flux.json"
         else:
