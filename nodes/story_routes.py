@@ -7,7 +7,7 @@ POST /storykit/story/preview {story, references_per_character, reference_mode, g
 `graph` (optional) is what the front end found downstream of the node's story output: {"masks": [{"id",
 "character", "frames"}], "photos": [{"id", "character", "use"}], "routing": [{"id", "mode", "layout"}]}; then each
 frame also gets "sources" (name -> "mask", "box", "auto (attention)"; absent: plain sharing), the answer
-"photos" ([{"character", "use"}]) and "graph_errors" (what those nodes will refuse, with the node's number).
+"photos" ([{"character", "use"}]; frames of photo-only characters are then no references) and "graph_errors" (what those nodes will refuse, with the node's number).
 A body that is not JSON, holds a number JSON has no room for (Infinity, 1e400) or nests too deeply answers 400;
 one over MAX_BODY_BYTES or a story over MAX_LINES lines answers 413. Parsing runs in a worker thread, so the
 server's event loop (every other request) never waits for it.
@@ -154,9 +154,12 @@ def preview(body: dict) -> dict:
     }
     if isinstance(body.get("graph"), dict):
         found = graph_sources(plan, body["graph"])
+        only = {p["character"] for p in found["photos"] if p["use"] == "photo only"}
         for frame, extra in zip(out["frames"], found["frames"], strict=True):
             frame["sources"] = extra["sources"]
             frame["place_names"] = {**extra["place_names"], **frame["place_names"]}
+            if frame["characters"] and set(frame["characters"]) <= only:  # they read the photo, none writes
+                frame["reference"] = False
         out.update(photos=found["photos"], graph_errors=found["errors"], routing_mode=found["mode"])
     return out
 

@@ -135,6 +135,7 @@ def test_preview_shows_places_and_each_characters_mask_source(host):
         {}, {}, {"Lena": "box", "Bob": "box"}, {"Lena": "auto (attention)", "Bob": "mask"},
         {"Lena": "box", "Bob": "auto (attention)"}]
     assert out["frames"][4]["place_names"] == {"Lena": "top"}
+    assert [f["reference"] for f in out["frames"]] == [False, True, False, False, False]  # Lena reads her photo
     off = routes.preview({"story": story, "graph": {"routing": [{"id": 9, "mode": "off", "layout": ""}]},
                           "references_per_character": 1})
     assert off["routing_mode"] == "off" and all(f["sources"] == {} for f in off["frames"])
