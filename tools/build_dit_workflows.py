@@ -58,6 +58,38 @@ def _decode_and_save(g, sampler, vae, prefix, decode_pos, save_pos, side):
     return decode
 
 
+def _story_sampler(g, spec, csa, prompt, story, batch_size: int):
+    """The Story Sampler with the family's settings: the CSA model, the Story Prompt's conditioning (through
+    FluxGuidance where the family has it), a story plan, the latent node of the family's template."""
+    positive = prompt
+    if spec["guidance"] is not None:
+        positive = g.add("FluxGuidance", {"guidance": spec["guidance"]}, pos=(700, 560))
+        g.connect(prompt, 0, positive, "conditioning")
+    latent = g.add(spec["latent"], {"width": spec["size"], "height": spec["size"], "batch_size": 1},
+                   pos=(700, 720))
+    sampler = g.add("StoryKitStorySampler", {"steps": spec["steps"], "cfg": spec["cfg"],
+                                             "sampler_name": spec["sampler"], "scheduler": spec["scheduler"],
+                                             "batch_size": batch_size}, pos=(1120, 80))
+    g.connect(csa, "MODEL", sampler, "model")
+    g.connect(positive, 0, sampler, "positive")
+    g.connect(prompt, 1, sampler, "negative")
+    g.connect(story, 0 if story is not prompt else 2, sampler, "story")
+    g.connect(latent, "LATENT", sampler, "latent_image")
+    return sampler
+
+
+def _captions_and_page(g, prompt, decode, name: str) -> None:
+    """Captions shown as text, and the frames laid out as a comic page with them, saved."""
+    captions = g.add("PreviewAny", title="Captions", pos=(1120, 600))
+    g.connect(prompt, 3, captions, "source")
+    page = g.add("StoryKitComicLayout", pos=(1520, 220))
+    g.connect(decode, "IMAGE", page, "frames")
+    g.connect(prompt, 3, page, "captions")
+    save_page = g.add("SaveImage", {"filename_prefix": f"{name}_page"}, title="Save comic page",
+                      pos=(2360, 80), size=(520, 520))
+    g.connect(page, "IMAGE", save_page, "images")
+
+
 def build(nodes_module, family: str) -> str:
     from storykit.runner.workflow_builder import Graph
     spec = FAMILIES[family]
@@ -75,29 +107,9 @@ def build(nodes_module, family: str) -> str:
                                            "negative": spec["negative"], "references_per_character": 2},
                    pos=(40, 560), size=(560, 520))
     g.connect(clip, "CLIP", prompt, "clip")
-    positive = prompt
-    if spec["guidance"] is not None:
-        positive = g.add("FluxGuidance", {"guidance": spec["guidance"]}, pos=(700, 560))
-        g.connect(prompt, 0, positive, "conditioning")
-    latent = g.add(spec["latent"], {"width": spec["size"], "height": spec["size"], "batch_size": 1},
-                   pos=(700, 720))
-    sampler = g.add("StoryKitStorySampler", {"steps": spec["steps"], "cfg": spec["cfg"],
-                                             "sampler_name": spec["sampler"], "scheduler": spec["scheduler"],
-                                             "batch_size": 2}, pos=(1120, 80))
-    g.connect(csa, "MODEL", sampler, "model")
-    g.connect(positive, 0, sampler, "positive")
-    g.connect(prompt, 1, sampler, "negative")
-    g.connect(prompt, 2, sampler, "story")
-    g.connect(latent, "LATENT", sampler, "latent_image")
+    sampler = _story_sampler(g, spec, csa, prompt, prompt, 2)
     decode = _decode_and_save(g, sampler, vae, f"storykit_csa_{family}", (1520, 80), (1900, 80), 420)
-    captions = g.add("PreviewAny", title="Captions", pos=(1120, 600))
-    g.connect(prompt, 3, captions, "source")
-    page = g.add("StoryKitComicLayout", pos=(1520, 220))
-    g.connect(decode, "IMAGE", page, "frames")
-    g.connect(prompt, 3, page, "captions")
-    save_page = g.add("SaveImage", {"filename_prefix": f"storykit_csa_{family}_page"}, title="Save comic page",
-                      pos=(2360, 80), size=(520, 520))
-    g.connect(page, "IMAGE", save_page, "images")
+    _captions_and_page(g, prompt, decode, f"storykit_csa_{family}")
     return g.dumps()
 
 
@@ -205,20 +217,7 @@ def build_routing(nodes_module, family: str, photo: bool) -> str:
         story = character
     routing = g.add("StoryKitIdentityRouting", pos=(700, 900), size=(340, 200))
     g.connect(story, 0 if photo else 2, routing, "story")
-    positive = prompt
-    if spec["guidance"] is not None:
-        positive = g.add("FluxGuidance", {"guidance": spec["guidance"]}, pos=(700, 560))
-        g.connect(prompt, 0, positive, "conditioning")
-    latent = g.add(spec["latent"], {"width": spec["size"], "height": spec["size"], "batch_size": 1},
-                   pos=(700, 720))
-    sampler = g.add("StoryKitStorySampler", {"steps": spec["steps"], "cfg": spec["cfg"],
-                                             "sampler_name": spec["sampler"], "scheduler": spec["scheduler"],
-                                             "batch_size": spec["batch_size"]}, pos=(1120, 80))
-    g.connect(csa, "MODEL", sampler, "model")
-    g.connect(positive, 0, sampler, "positive")
-    g.connect(prompt, 1, sampler, "negative")
-    g.connect(routing, 0, sampler, "story")
-    g.connect(latent, "LATENT", sampler, "latent_image")
+    sampler = _story_sampler(g, spec, csa, prompt, routing, spec["batch_size"])
     name = ("storykit_photo_reference" if photo else "storykit_two_characters") + ("" if family == "sdxl" else
                                                                                  f"_{family}")
     decode = _decode_and_save(g, sampler, vae[0], name, (1520, 80), (1900, 80), 420)
@@ -227,14 +226,7 @@ def build_routing(nodes_module, family: str, photo: bool) -> str:
     g.connect(sampler, 1, overlay, "routing")
     shown = g.add("PreviewImage", title="Routing overlay", pos=(1900, 560), size=(420, 420))
     g.connect(overlay, "IMAGE", shown, "images")
-    captions = g.add("PreviewAny", title="Captions", pos=(1120, 600))
-    g.connect(prompt, 3, captions, "source")
-    page = g.add("StoryKitComicLayout", pos=(1520, 220))
-    g.connect(decode, "IMAGE", page, "frames")
-    g.connect(prompt, 3, page, "captions")
-    save_page = g.add("SaveImage", {"filename_prefix": f"{name}_page"}, title="Save comic page",
-                      pos=(2360, 80), size=(520, 520))
-    g.connect(page, "IMAGE", save_page, "images")
+    _captions_and_page(g, prompt, decode, name)
     return g.dumps()
 
 
