@@ -145,7 +145,7 @@ def test_ipca_bias_is_the_ln2_logit_bias_on_image_queries_and_text_is_untouched(
         q, k, v = call["args"][:3]
         heads = call["args"][3] if len(call["args"]) > 3 else call["kwargs"]["heads"]
         split = bool(call["kwargs"].get("skip_reshape"))
-        n_text, n_image = call["layout"]
+        n_text, n_image, _ = call["layout"]
         if not call["selected"] or q.shape[2 if split else 1] < n_text + n_image or call["block"][0] == "refiner":
             assert torch.equal(call["out"], call["plain"])
             continue
@@ -184,7 +184,7 @@ def test_ipca_exact_path_appends_p0_alone_and_keeps_text_queries_apart(host, kin
     for call in seen:
         q, k, v = call["args"][:3]
         heads = call["args"][3]
-        n_text, n_image = call["layout"]
+        n_text, n_image, _ = call["layout"]
         assert n_text == n_ctx + n0                         # P0 alone rides as extra text rows
         qc, kc, vc = (_canonical(t, True) for t in (q, k, v))
         img = slice(n_text, n_text + n_image)

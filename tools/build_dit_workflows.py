@@ -75,6 +75,10 @@ def _story_sampler(g, spec, csa, prompt, story, batch_size: int):
     g.connect(prompt, 1, sampler, "negative")
     g.connect(story, 0 if story is not prompt else 2, sampler, "story")
     g.connect(latent, "LATENT", sampler, "latent_image")
+    if spec.get("sigmas"):  # FLUX.2's template: a schedule that depends on the picture size
+        sigmas = g.add(spec["sigmas"], {"steps": spec["steps"], "width": spec["size"], "height": spec["size"]},
+                       pos=(700, 880))
+        g.connect(sigmas, "SIGMAS", sampler, "sigmas")
     return sampler
 
 
@@ -107,28 +111,7 @@ def build(nodes_module, family: str) -> str:
                                            "negative": spec["negative"], "references_per_character": 2},
                    pos=(40, 560), size=(560, 520))
     g.connect(clip, "CLIP", prompt, "clip")
-<<<<<<< HEAD
-    positive = prompt
-    if spec["guidance"] is not None:
-        positive = g.add("FluxGuidance", {"guidance": spec["guidance"]}, pos=(700, 560))
-        g.connect(prompt, 0, positive, "conditioning")
-    latent = g.add(spec["latent"], {"width": spec["size"], "height": spec["size"], "batch_size": 1},
-                   pos=(700, 720))
-    sampler = g.add("StoryKitStorySampler", {"steps": spec["steps"], "cfg": spec["cfg"],
-                                             "sampler_name": spec["sampler"], "scheduler": spec["scheduler"],
-                                             "batch_size": 2}, pos=(1120, 80))
-    g.connect(csa, "MODEL", sampler, "model")
-    g.connect(positive, 0, sampler, "positive")
-    g.connect(prompt, 1, sampler, "negative")
-    g.connect(prompt, 2, sampler, "story")
-    g.connect(latent, "LATENT", sampler, "latent_image")
-    if spec.get("sigmas"):  # FLUX.2's template: a schedule that depends on the picture size
-        sigmas = g.add(spec["sigmas"], {"steps": spec["steps"], "width": spec["size"], "height": spec["size"]},
-                       pos=(700, 880))
-        g.connect(sigmas, "SIGMAS", sampler, "sigmas")
-=======
     sampler = _story_sampler(g, spec, csa, prompt, prompt, 2)
->>>>>>> routing-workflows
     decode = _decode_and_save(g, sampler, vae, f"storykit_csa_{family}", (1520, 80), (1900, 80), 420)
     _captions_and_page(g, prompt, decode, f"storykit_csa_{family}")
     return g.dumps()
@@ -259,17 +242,11 @@ def main() -> int:
     sys.path.insert(0, str(REPO.parent))
     from storykit.runner import host
     h = host.boot(cpu=True)
-<<<<<<< HEAD
-    for name in sys.argv[1:] or [*FAMILIES, "1p1s_flux"]:
-=======
-    # flux2 is written only on request: the host 0.3.75 cannot build FLUX.2's tokenizer with transformers 5, so its
-    # graph cannot be run headless in the tests yet, and a shipped workflow must be
-    for name in sys.argv[1:] or [*(f for f in FAMILIES if f != "flux2"), "1p1s_flux", "routing"]:
+    for name in sys.argv[1:] or [*FAMILIES, "1p1s_flux", "routing"]:
         if name == "routing":
             for target, (family, photo) in ROUTING_WORKFLOWS.items():
                 (REPO / "workflows" / target).write_text(build_routing(h.nodes, family, photo), encoding="utf-8")
             continue
->>>>>>> routing-workflows
         if name == "1p1s_flux":
             text, target = build_1p1s(h.nodes, "flux"), "storykit_1p1s_flux.json"
         else:
