@@ -156,7 +156,8 @@ class RoutingOverlay(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="The decoded frames."),
                 io.Image.Input("routing", tooltip="The Story Sampler's routing output."),
-                io.Float.Input("opacity", default=0.45, min=0.0, max=1.0, step=0.05),
+                io.Float.Input("opacity", default=0.45, min=0.0, max=1.0, step=0.05,
+                               tooltip="How strongly the colours cover the frames (0: frames only, 1: colours only)."),
             ],
             outputs=[io.Image.Output()],
         )
