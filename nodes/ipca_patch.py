@@ -26,7 +26,7 @@ WRAPPER_KEY = "storykit_ipca_identity_rows"
 
 # model_config classes (comfy.supported_models) -> the tokenizer keys of the text encoder the family was trained with
 MODEL_ENCODERS = [
-    ("Flux2", None, "Mistral 3 Small (FLUX.2; its tokenizer is not in ComfyUI 0.3.75)"),
+    ("Flux2", ("mistral3_24b",), "Mistral 3 Small (FLUX.2, CLIPLoader type flux2)"),
     ("ChromaRadiance", ("t5xxl",), "T5-XXL (Chroma)"),
     ("Chroma", ("t5xxl",), "T5-XXL (Chroma)"),
     ("Flux", ("l", "t5xxl"), "T5-XXL + CLIP-L (FLUX.1, DualCLIPLoader type flux)"),
@@ -35,6 +35,10 @@ MODEL_ENCODERS = [
     ("Lumina2", None, "Gemma 2 (Lumina 2: not supported by One-Prompt-One-Story yet)"),
     ("SD3", ("g", "l", "t5xxl"), "CLIP-L/G + T5-XXL (SD3.5)"),
 ]
+
+# model_config classes whose model pads the text context in front before attention (model_base.Flux2: to 512 rows),
+# which moves the identity's rows by the padding
+FRONT_PADDED = ("Flux2",)
 
 
 def expected_encoder(model) -> tuple[tuple | None, str] | None:
@@ -49,11 +53,19 @@ def expected_encoder(model) -> tuple[tuple | None, str] | None:
 class JointIPCA:
     """The IPCA technique on joint attention (see the module doc). One per patched MODEL."""
 
-    def __init__(self, identity, exact: bool, text_offset: int):
-        self.identity, self.exact = identity, exact
+    def __init__(self, identity, exact: bool, text_offset: int, front_padded: bool = False):
+        self.identity, self.exact, self.front_padded = identity, exact, front_padded
         self.offset = text_offset                   # rows before the context in the joint text (SD3's register)
         self.columns = torch.tensor([r + text_offset for r in identity.identity_rows], dtype=torch.long)
         self.context_len: int | None = None         # per model call (exact path): the frames' own text rows
+
+    def _columns(self, n_text: int) -> torch.Tensor:
+        """The identity's key columns in this call: moved by the padding a front-padding model (FLUX.2) put before
+        the frames' context."""
+        if not self.front_padded:
+            return self.columns
+        context = self.context_len if self.context_len is not None else n_text - self.offset
+        return self.columns + max(0, context - self.identity.context_length)
 
     def __deepcopy__(self, memo):
         return self
@@ -74,6 +86,7 @@ class JointIPCA:
         n_text = call.image.start
         exact = self.exact and self.context_len is not None
         own = self.offset + (self.context_len or 0)      # exact path: the frame's text ends here, P0 alone follows
+        columns = self._columns(n_text)
         outs = []
         for half, rows in call.halves:
             qh, kh, vh = q[rows], k[rows], v[rows]
@@ -81,13 +94,13 @@ class JointIPCA:
                 frame_k = torch.cat([kh.narrow(axis, 0, own), kh.narrow(axis, n_text, kh.shape[axis] - n_text)], axis)
                 frame_v = torch.cat([vh.narrow(axis, 0, own), vh.narrow(axis, n_text, vh.shape[axis] - n_text)], axis)
                 if half == 0:
-                    outs.append(ops.ipca_joint_attention(qh, frame_k, frame_v, self.columns, attend,
+                    outs.append(ops.ipca_joint_attention(qh, frame_k, frame_v, columns, attend,
                                                          kh.narrow(axis, own, n_text - own),
                                                          vh.narrow(axis, own, n_text - own), axis))
                 else:
                     outs.append(attend(qh, frame_k, frame_v))
             elif half == 0:
-                outs.append(ops.ipca_joint_attention(qh, kh, vh, self.columns, attend, axis=axis))
+                outs.append(ops.ipca_joint_attention(qh, kh, vh, columns, attend, axis=axis))
             else:
                 outs.append(attend(qh, kh, vh))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -134,7 +147,8 @@ def patch_dit(model, identity, exact: bool, node: str):
     blocks = {(kind, i) for kind, count in available.items() if kind != "refiner" for i in range(count)}
     site = sites.JointAttention(family, diffusion_model, blocks)
     offset = site._text_tokens(None)       # tokens the model puts before the context (SD3.5's register)
-    state = JointIPCA(identity, exact, offset)
+    names = {c.__name__ for c in type(base.model_config).__mro__}
+    state = JointIPCA(identity, exact, offset, front_padded=any(n in names for n in FRONT_PADDED))
     patched = model.clone()
     if exact:   # outermost: the site's own wrapper then sees the extended context (its layout counts those rows)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,

@@ -83,7 +83,9 @@ def encode_frames(clip, prompts: list[str], where: list[str], lengths: list | No
         lengths.extend(c.shape[1] for c in conds)
     length = math.lcm(*(c.shape[1] for c in conds))
     batch = torch.cat([_pad_to(c, length) for c in conds])
-    extra = {"pooled_output": torch.cat(pooled)} if all(p is not None for p in pooled) else {}
+    # None where the encoder has no pooled output (FLUX.2's Mistral), as CLIPTextEncode hands it over: FLUX models
+    # read the key
+    extra = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None}
     return [[batch, extra]]
 
 

@@ -66,7 +66,7 @@ class CharacterMask(io.ComfyNode):
             description="Where one character is in some frames, as a MASK (painted in the mask editor, or from any "
                         "segmentation node). Those frames share that character's tokens only inside the mask.",
             inputs=[
-                Story.Input("story"),
+                Story.Input("story", tooltip="The story plan from the Story Prompt (or another StoryKit story node)."),
                 io.String.Input("character", default="", tooltip="The character's name, as in its [Name] line."),
                 io.Mask.Input("mask", tooltip="One mask for every listed frame, or one per listed frame (a batch), "
                                               "at the frames' size (another size of the same shape is resized)."),
@@ -107,7 +107,7 @@ class CharacterPhoto(io.ComfyNode):
                         "noised to that step, runs through the model beside the reference frames and writes its "
                         "(masked) tokens to the bank, so the story's frames read the real person.",
             inputs=[
-                Story.Input("story"),
+                Story.Input("story", tooltip="The story plan from the Story Prompt (or another StoryKit story node)."),
                 io.Vae.Input("vae", tooltip="The VAE of the story's model (encodes the photo)."),
                 io.String.Input("character", default="", tooltip="The character's name, as in its [Name] line."),
                 io.Image.Input("image", tooltip="One photo, or several (a batch): each becomes a reference."),
@@ -156,7 +156,8 @@ class RoutingOverlay(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="The decoded frames."),
                 io.Image.Input("routing", tooltip="The Story Sampler's routing output."),
-                io.Float.Input("opacity", default=0.45, min=0.0, max=1.0, step=0.05),
+                io.Float.Input("opacity", default=0.45, min=0.0, max=1.0, step=0.05,
+                               tooltip="How strongly the colours cover the frames (0: frames only, 1: colours only)."),
             ],
             outputs=[io.Image.Output()],
         )

@@ -33,9 +33,13 @@ ENCODERS = {
     ("g", "l", "t5xxl"): "CLIP-L/G + T5-XXL (SD3.5)",
     ("qwen25_7b",): "Qwen2.5-VL (Qwen-Image)",
     ("qwen3_4b",): "Qwen3 (Z-Image)",
+    ("mistral3_24b",): "Mistral 3 Small (FLUX.2)",
 }
-CAUSAL = {"l", "g", "qwen25_7b", "qwen3_4b"}
+CAUSAL = {"l", "g", "qwen25_7b", "qwen3_4b", "mistral3_24b"}
 POOLED_ONLY = {("l", "t5xxl"): {"l"}}
+# Encoders whose CONDITIONING puts several hidden states side by side in the channels (FLUX.2: Mistral layers 10, 20
+# and 30): SVR reweights each hidden state on its own, as each is an embedding of its own.
+STACKED_STATES = {("mistral3_24b",): 3}
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class StoryIdentity:
 
     encoder: the tokenizer keys (ENCODERS) the story was encoded with; identity_rows: the CONDITIONING rows of the
     identity (prefix + P0) in every frame's context; causal: those rows equal P0's own encoding (causal encoders);
-    identity_context holds P0 alone at the same rows, in the same order."""
+    identity_context holds P0 alone at the same rows, in the same order. DiTs: context_length is the frames' own
+    context rows (a model that pads the text in front, FLUX.2, moves identity_rows by its padding)."""
     identity_count: int
     context_length: int
     identity_context: torch.Tensor      # [1, identity rows, D]
@@ -180,7 +185,7 @@ def encoder_of(clip_keys) -> tuple:
     keys = tuple(sorted(clip_keys))
     if keys not in ENCODERS:
         raise ValueError(f"{ENCODER}: this CLIP has text encoders {list(keys)}; supported: "
-                         + "; ".join(ENCODERS.values()) + " (FLUX.2's Mistral tokenizer is not in ComfyUI 0.3.75)")
+                         + "; ".join(ENCODERS.values()))
     return keys
 
 
@@ -189,7 +194,8 @@ def row_parts(encoder: tuple, tokens: dict, cond_len: int, width: int) -> list[t
 
     SD1.5/SDXL: rows = CLIP positions (SDXL: CLIP-L channels 0-767, CLIP-G 768-2047). SD3.5: CLIP-L/G on rows
     0-76 (channels 0-767, 768-2047; the rest is zero padding), T5 after them with all 4096 channels. One-encoder
-    DiTs: the encoder's positions, less the template head the host drops (Qwen-Image)."""
+    DiTs: the encoder's positions, less the template head the host drops (Qwen-Image); FLUX.2: one channel slice
+    per stacked hidden state (STACKED_STATES)."""
     keys = [k for k in encoder if k not in POOLED_ONLY.get(encoder, ())]
     if "l" in keys and "g" in keys:
         clip_len = len(tokens["l"][0])
@@ -198,7 +204,8 @@ def row_parts(encoder: tuple, tokens: dict, cond_len: int, width: int) -> list[t
             parts.append(("t5xxl", clip_len, [slice(0, width)]))
         return parts
     if len(keys) == 1:
-        return [(keys[0], cond_len - len(tokens[keys[0]][0]), [slice(0, width)])]
+        states = STACKED_STATES.get(encoder, 1)
+        return [(keys[0], cond_len - len(tokens[keys[0]][0]), _slices([width // states] * states))]
     raise ValueError(f"{ENCODER}: no row layout for text encoders {list(encoder)}")
 
 
@@ -308,8 +315,8 @@ class OnePromptStoryEncode(io.ComfyNode):
                         "CONDITIONING row per frame, in one batch: use a latent batch of `frames` pictures.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder: the checkpoint's CLIP (SD1.5, SDXL, SD3.5) "
-                              "or the loader's (FLUX.1 DualCLIPLoader flux, Chroma T5, Qwen-Image Qwen2.5-VL, "
-                              "Z-Image Qwen3). LoRAs and CLIP Set Last Layer applied before this node are kept."),
+                              "or the loader's (FLUX.1 DualCLIPLoader flux, FLUX.2 Mistral 3, Chroma T5, "
+                              "Qwen-Image Qwen2.5-VL, Z-Image Qwen3). LoRAs and CLIP Set Last Layer applied before this node are kept."),
                 io.String.Input("identity_prompt", multiline=True,
                                 default="a watercolor illustration of a fox wearing a red scarf",
                                 tooltip="Who the story is about and the style, said once; every frame starts with "
@@ -378,11 +385,12 @@ class OnePromptStoryEncode(io.ComfyNode):
             if key == "cond":
                 continue
             extra[key] = torch.cat([o[key] for o in outs], dim=0) if isinstance(value, torch.Tensor) else value
-        info = identity_of(clip, story, identity_prompt, length, first_layout)
+        info = identity_of(clip, story, identity_prompt, length, first_layout, rows[0].shape[0])
         return io.NodeOutput([[torch.stack(rows), extra]], info, len(story.frames), "\n".join(story.texts))
 
 
-def identity_of(clip, story: Story, identity_prompt: str, length: int | None, frame_parts) -> StoryIdentity:
+def identity_of(clip, story: Story, identity_prompt: str, length: int | None, frame_parts,
+                frame_rows: int = 0) -> StoryIdentity:
     """P0 alone through the same encoder, and where its rows sit in the frames' contexts and in its own."""
     alone_tokens = assemble(clip, [story.identity], toks={k: story.toks[k] for k in story.key_sets})
     for k in POOLED_ONLY.get(story.encoder, ()):
@@ -402,7 +410,8 @@ def identity_of(clip, story: Story, identity_prompt: str, length: int | None, fr
         rows += [r + offset for r in keep]
         alone_rows += [r + alone_offsets[k] for r in keep]
         causal = causal and k in CAUSAL
-    return StoryIdentity(len(rows), 0, alone[:, alone_rows], len(story.frames), story.encoder, tuple(rows), causal)
+    return StoryIdentity(len(rows), frame_rows, alone[:, alone_rows], len(story.frames), story.encoder, tuple(rows),
+                         causal)
 
 
 # ------------------------------------------------------------------------------------------------ IPCA
@@ -550,7 +559,7 @@ class IdentityPreservingCrossAttention(io.ComfyNode):
                 io.Combo.Input("path", options=IPCA_PATHS, default=IPCA_PATHS[0],
                                tooltip="bias: a ln 2 logit bias on the identity columns. Exact (the paper's "
                                        "concatenation) for causal text encoders: CLIP (SD1.5, SDXL), Qwen2.5-VL "
-                                       "(Qwen-Image), Qwen3 (Z-Image). On T5 (FLUX.1, Chroma, SD3.5) it is an "
+                                       "(Qwen-Image), Qwen3 (Z-Image), Mistral 3 (FLUX.2). On T5 (FLUX.1, Chroma, SD3.5) it is an "
                                        "APPROXIMATION: T5 reads P0 in the context of the frames. concatenated: "
                                        "the identity prompt encoded alone is added (exact for every encoder; on a "
                                        "DiT it runs P0 as extra text rows of each frame, a little slower)."),

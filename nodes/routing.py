@@ -153,7 +153,8 @@ def photo_latents(prepared: Prepared, latent_shape, ratio: int) -> dict[int, tor
     height, width = latent_shape[-2] * ratio, latent_shape[-1] * ratio
     for index, photo in prepared.photos.items():
         pixels = layout.cover_resize(photo.image[..., :3].float(), height, width)[None]
-        latent = photo.vae.encode(pixels)
+        with torch.no_grad():  # the VAE's weights may be inference tensors (the executor loads under inference mode)
+            latent = photo.vae.encode(pixels)
         if tuple(latent.shape[1:]) != tuple(latent_shape[1:]):
             raise ValueError(f"StoryKit Character Photo: {photo.name}'s photo encodes to a latent of shape "
                              f"{tuple(latent.shape[1:])} but the story's latents are {tuple(latent_shape[1:])}; "

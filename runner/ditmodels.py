@@ -6,8 +6,10 @@ consistently: few double/single blocks, 2-4 heads, head dim and RoPE axes divide
 encoders are the host's own classes and tokenizers (shipped in the host tree), shrunk with the host's
 `<model_name>_model_config` option, so prompts go through `clip.tokenize` + `clip.encode_from_tokens` unchanged.
 VAEs are host VAEs detected from their state dict (see `_vae`). Seeded: runner.testmodels.init_random.
-FLUX.2 has no tiny text encoder: its Mistral tekken vocabulary is not in the host tree, and ComfyUI 0.3.75's
-converter call does not match transformers 5.23 (FLUX2_TOKENIZER_MISSING). Import the host first (runner.host.boot()).
+FLUX.2's Mistral tekken vocabulary is not in the host tree (a real text-encoder file carries it): the tiny one is a
+small tekken file built here (`tiny_tekken_json`), handed over as tokenizer_data["tekken_model"] as the host's loader
+does; see `_tiny_flux2_target` for the one step transformers 5 needs done differently. Import the host first
+(runner.host.boot()).
 """
 from __future__ import annotations
 
@@ -83,17 +85,83 @@ SD3 = {
 TINY_T5_4096 = {**TINY_T5, "d_model": 4096}
 
 
-FLUX2_TOKENIZER_MISSING = (
-    "FLUX.2's text encoder (Mistral 3 Small) tokenizes with Mistral's tekken vocabulary, which ComfyUI 0.3.75 does "
-    "not ship: it reads it from the text-encoder file (tokenizer_data['tekken_model']), and its converter call "
-    "(MistralConverter(vocab=...)) fails with the pinned transformers 5.23 (MistralConverter(vocab_file)). No tiny "
-    "FLUX.2 text encoder; the tiny FLUX.2 MODEL and VAE work (context width 3 x 64).")
+# FLUX.2's tokenizer reads Mistral's tekken.json format: byte-level BPE tokens by rank (base64 bytes), after
+# `default_num_special_tokens` special tokens. The tiny one keeps Mistral-3's special-token layout (the host's
+# template uses [SYSTEM_PROMPT] 17, [/SYSTEM_PROMPT] 18, [INST] 3, [/INST] 4; <s> 1 and <pad> 11) and its 1000
+# special ids, then the 256 bytes and the merges a byte-pair trainer finds in TEKKEN_CORPUS (deterministic).
+# The pattern is the one ComfyUI 0.3.75's converter call applies whatever the file says (transformers 4's
+# MistralConverter default), so the host on transformers 4 builds the same tokenizer from this file.
+TEKKEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+TEKKEN_NUM_SPECIAL = 1000
+TEKKEN_CORPUS = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object attribution and actions without speculation. a young woman with short red hair, round "
+    "glasses and a green raincoat wakes up in a small attic room in the morning light; an old man with a white beard "
+    "and a brown tweed jacket feeds the pigeons in a park; they share an umbrella at the tram stop in the rain. a "
+    "watercolor illustration of a small red fox wearing a green knitted scarf, reading a book under an oak tree, "
+    "running through a snowy forest, sailing a paper boat on a pond, sleeping by a campfire at night. an empty street "
+    "at night, wet cobblestones, lamplight.")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tekken_json(merges: int = 512) -> bytes:
+    """A small, valid tekken.json (UTF-8 bytes): Mistral-3's special tokens, the 256 bytes, then byte-pair merges
+    learned from TEKKEN_CORPUS in rank order (at most `merges`; the corpus runs out first)."""
+    import base64
+    import collections
+    import json
+
+    import regex  # a transformers dependency: the pattern's \p{L} classes
+    words = collections.Counter(regex.findall(TEKKEN_PATTERN, TEKKEN_CORPUS))
+    pieces = {w: [bytes([b]) for b in w.encode()] for w in words}
+    ranks = [bytes([b]) for b in range(256)]
+    known = set(ranks)
+    for _ in range(merges):
+        pairs = collections.Counter()
+        for w, seq in pieces.items():
+            for pair in zip(seq, seq[1:], strict=False):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # most frequent; ties by bytes
+        if a + b not in known:
+            ranks.append(a + b)
+            known.add(a + b)
+        for w, seq in pieces.items():
+            out, i = [], 0
+            while i < len(seq):
+                if seq[i] == a and seq[i + 1:i + 2] == [b]:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            pieces[w] = out
+    specials = [*TEKKEN_SPECIALS, *(f"<SPECIAL_{i}>" for i in range(len(TEKKEN_SPECIALS), TEKKEN_NUM_SPECIAL))]
+    doc = {"config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": len(ranks),
+                      "default_vocab_size": TEKKEN_NUM_SPECIAL + len(ranks),
+                      "default_num_special_tokens": TEKKEN_NUM_SPECIAL, "version": "v7"},
+           "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode("ascii"),
+                      "token_str": t.decode("utf-8", "replace")} for r, t in enumerate(ranks)],
+           "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(specials)]}
+    return json.dumps(doc).encode("utf-8")
+
+
+def tiny_tekken_tokenizer_data() -> dict:
+    """tokenizer_data as comfy.sd.load_text_encoder_state_dicts builds it from a FLUX.2 text-encoder file: the
+    file's "tekken_model" entry, a uint8 tensor of the tekken.json bytes."""
+    import torch
+    return {"tekken_model": torch.frombuffer(bytearray(tiny_tekken_json()), dtype=torch.uint8)}
 
 
 def _target_and_options(kind: str, model_config):
     """The host's text-encoder target for the family and the model_options that shrink it."""
     if kind == "flux2":
-        raise NotImplementedError(FLUX2_TOKENIZER_MISSING)
+        return _tiny_flux2_target(), {"mistral3_24b_model_config": {**TINY_MISTRAL, "vocab_size": _tekken_size()}}
     if kind == "flux":
         return model_config.clip_target(), {"t5xxl_model_config": TINY_T5, "clip_l_model_config": TINY_CLIP_L}
     if kind == "chroma":
@@ -114,6 +182,67 @@ def _target_and_options(kind: str, model_config):
                         "clip_l_model_config": {k: CLIP_L_768[k] for k in keep},
                         "clip_g_model_config": {k: TINY_CLIP_G[k] for k in keep}}
     raise ValueError(f"unknown DiT test model kind {kind!r}: use one of {', '.join(DIT_KINDS)}")
+
+
+def _tekken_size() -> int:
+    import json
+    return json.loads(tiny_tekken_json())["config"]["default_vocab_size"]
+
+
+# The host's FLUX.2 prompt template (comfy/text_encoders/flux.py Flux2Tokenizer.llama_template, 0.3.75).
+FLUX2_TEMPLATE = ("[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured responses "
+                  "focusing on object relationships, object\nattribution and actions without speculation."
+                  "[/SYSTEM_PROMPT][INST]{}[/INST]")
+
+
+def _tiny_flux2_target():
+    """The host's FLUX.2 text encoder (flux2_te: Mistral3_24BModel, Flux2TEModel's stacking of hidden states 10, 20
+    and 30) and its tokenizer classes, with one step done the transformers-5 way.
+
+    ComfyUI 0.3.75's Mistral3Tokenizer converts the tekken vocabulary with
+    `MistralConverter(vocab=..., additional_special_tokens=...)`, transformers 4's signature; transformers 5 reads a
+    tekken.json path instead (MistralConverter(vocab_file)), so the host's call raises TypeError there, for real
+    FLUX.2 files too. Here Mistral3Tokenizer's constructor is the host's with that conversion done by transformers
+    5's converter from the same bytes (same vocabulary ids: special ranks first, then byte ranks + 1000; the
+    host's wrapper class, LlamaTokenizerFast(legacy=False)); tokenize_with_weights and everything after it are the
+    host's. tests/test_dit_models.py checks the ids against the host's own path on transformers 4.57.3."""
+    import os
+    import tempfile
+
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux
+    import torch
+    from comfy import sd1_clip
+
+    def tokenizer_args(data):
+        from transformers.integrations.mistral import MistralConverter
+        if torch.is_tensor(data):
+            data = data.numpy().tobytes()
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "tekken.json")
+            with open(path, "wb") as f:
+                f.write(data)
+            # add_bos_token: transformers 4's LlamaTokenizerFast default (the host reads <s> from tokenizing "");
+            # transformers 5 adds it only when asked
+            return {"tokenizer_object": MistralConverter(path).converted(), "legacy": False, "add_bos_token": True}
+
+    class TekkenMistral3Tokenizer(flux.Mistral3Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 - host signature
+            self.tekken_data = tokenizer_data.get("tekken_model", None)
+            sd1_clip.SDTokenizer.__init__(
+                self, "", pad_with_end=False, embedding_size=5120, embedding_key="mistral3_24b",
+                tokenizer_class=flux.MistralTokenizerClass, has_end_token=False, pad_to_max_length=False,
+                pad_token=11, max_length=99999999, min_length=1, pad_left=True,
+                tokenizer_args=tokenizer_args(self.tekken_data), tokenizer_data=tokenizer_data)
+
+    class TekkenFlux2Tokenizer(flux.Flux2Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 - host signature
+            sd1_clip.SD1Tokenizer.__init__(self, embedding_directory=embedding_directory,
+                                           tokenizer_data=tokenizer_data, name="mistral3_24b",
+                                           tokenizer=TekkenMistral3Tokenizer)
+            self.llama_template = FLUX2_TEMPLATE
+
+    return comfy.supported_models_base.ClipTarget(TekkenFlux2Tokenizer, flux.flux2_te())
 
 
 def _tiny_qwen_image_target():
@@ -190,7 +319,8 @@ def build_dit_clip(kind: str, seed: int, embedding_directory=None):
     target, options = _target_and_options(kind, _model_config(kind))
     if embedding_directory is None:
         embedding_directory = folder_paths.get_folder_paths("embeddings")
-    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+    tokenizer_data = tiny_tekken_tokenizer_data() if kind == "flux2" else {}
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
                          model_options={**options, "dtype": torch.float32,
                                         "initial_device": mm.text_encoder_offload_device()})
     init_random(clip.cond_stage_model, seed, in_place=True)

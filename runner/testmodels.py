@@ -153,8 +153,6 @@ def build_vae(seed: int, full: bool = False):
 def tiny_models(kind: str = "sd15", seed: int = 0):
     """(MODEL, CLIP, VAE) of the given family, small and seeded; cached per process (clone before patching)."""
     from . import ditmodels
-    if kind == "flux2":  # no tekken tokenizer in the host tree: MODEL and VAE only (see ditmodels)
-        return ditmodels.build_dit(kind, seed), None, ditmodels.build_dit_vae(kind, seed + 2)
     if kind in ditmodels.DIT_KINDS:
         return ditmodels.build_dit(kind, seed), ditmodels.build_dit_clip(kind, seed + 1), \
             ditmodels.build_dit_vae(kind, seed + 2)

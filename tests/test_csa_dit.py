@@ -36,12 +36,8 @@ def _inputs(model, clip, frames, halves=1, seed=0, size=8):
     rows = frames * halves
     time = (1,) if getattr(model.model.latent_format, "latent_dimensions", 2) == 3 else ()
     x = torch.randn(rows, channels, *time, size, size, generator=g)
-    if clip is not None:
-        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red fox in the snow"))[0]
-        text, pooled = cond[0], cond[1].get("pooled_output")
-    else:  # a family whose text encoder the host tree cannot tokenize for (FLUX.2): the context layer's width
-        width = model.model.diffusion_model.txt_in.in_features
-        text, pooled = torch.randn(1, 32, width, generator=g), None
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red fox in the snow"))[0]
+    text, pooled = cond[0], cond[1].get("pooled_output")
     text = text.repeat(rows, 1, 1) + 0.1 * torch.randn(rows, *text.shape[1:], generator=g)
     conds = model.model.extra_conds(cross_attn=text, pooled_output=None if pooled is None else pooled.repeat(rows, 1),
                                     guidance=3.5, noise=x, device=x.device, width=size * 8, height=size * 8)

@@ -14,6 +14,7 @@ from storykit.runner import convert as conv
 T5_FOX = [3, 9, 1131, 3, 20400, 1]                      # T5 sentencepiece: "a red fox" + </s>
 CLIP_FOX = [49406, 320, 736, 3240, 49407]              # CLIP BPE: <|startoftext|> a red fox <|endoftext|>
 QWEN_FOX = [151644, 872, 198, 64, 2518, 38835, 151645]  # Qwen2 BPE: <|im_start|>user\n a red fox <|im_end|>
+MISTRAL_FOX = [3, 1097, 1329, 1512, 4]                   # tiny tekken (ditmodels): [INST] a red fox [/INST]
 FAMILIES = {
     "flux": {
         "config": "Flux", "model_class": "Flux", "sampling": "ModelSamplingFlux",
@@ -22,6 +23,15 @@ FAMILIES = {
         "unet": "flux1-dev.safetensors", "vae": "ae.safetensors",
         "tokens": {"l": CLIP_FOX, "t5xxl": T5_FOX}, "context": "txt_in", "pooled": "vector_in.in_layer",
         "latent": "EmptySD3LatentImage", "channels": 16, "guidance": 3.5, "cfg": 1.0,
+        "block_keys": [("double", 0), ("double", 1), ("single", 0), ("single", 1)],
+    },
+    "flux2": {
+        "config": "Flux2", "model_class": "Flux2", "sampling": "ModelSamplingFlux",
+        "clip_loader": ("CLIPLoader", {"clip_name": "mistral_3_small_flux2_bf16.safetensors", "type": "flux2",
+                                       "device": "default"}),
+        "unet": "flux2_dev_fp8mixed.safetensors", "vae": "full_encoder_small_decoder.safetensors",
+        "tokens": {"mistral3_24b": [1, 17], "mistral3_24b ": MISTRAL_FOX}, "context": "txt_in",
+        "latent": "EmptyFlux2LatentImage", "channels": 128, "guidance": 4.0, "cfg": 1.0,
         "block_keys": [("double", 0), ("double", 1), ("single", 0), ("single", 1)],
     },
     "chroma": {
@@ -207,17 +217,53 @@ def test_tiny_model_refuses_a_graph_of_another_family(host):
         cli.substitute_tiny_models(host.nodes, {"1": {"class_type": "EmptySD3LatentImage", "inputs": {}}}, "flux")
 
 
-def test_flux2_model_and_vae_sample_and_decode_its_128_channel_latent(host):
-    """FLUX.2: the host's Flux2 class (4 RoPE axes, global modulation, patch 1) on EmptyFlux2LatentImage's latent; its
-    Mistral text encoder needs a tokenizer the host does not ship, so the context here has that encoder's width."""
-    import comfy.model_base
+def test_flux2_tiny_tokenizer_gives_the_ids_of_the_hosts_own_tokenizer(host):
+    """The tiny FLUX.2 CLIP tokenizes as ComfyUI 0.3.75's unmodified Flux2Tokenizer does on transformers 4 (ids
+    recorded by tools/flux2_tokenizer_reference.py), padding included (pad 11 on the left, Story Prompt's option)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from storykit.runner import ditmodels
+    ref = json.loads((Path(__file__).parent / "data" / "flux2_tiny_tekken_ids.json").read_text(encoding="utf-8"))
+    assert hashlib.sha256(ditmodels.tiny_tekken_json()).hexdigest() == ref["tekken_sha256"], \
+        "the tiny tekken vocabulary changed: re-run tools/flux2_tokenizer_reference.py"
+    clip = testmodels.tiny_models("flux2", 0)[1]
+    for text, ids in ref["ids"].items():
+        assert _ids(clip.tokenize(text)["mistral3_24b"][0]) == ids, text
+    padded = ref["padded"]
+    options = {"tokenizer_options": {"mistral3_24b_min_length": padded["min_length"]}}
+    assert _ids(clip.tokenize(padded["text"], **options)["mistral3_24b"][0]) == padded["ids"]
+    assert clip.tokenizer.state_dict()["tekken_model"] is not None  # saved with the CLIP as the host saves it
+
+
+def test_hosts_flux2_tokenizer_still_needs_transformers_4(host):
+    """Why the tiny FLUX.2 tokenizer converts the vocabulary itself: ComfyUI 0.3.75 calls transformers 4's
+    MistralConverter(vocab=...), which transformers 5 does not take (real FLUX.2 text-encoder files fail the same
+    way). When this stops failing, the host's own Mistral3Tokenizer can be used as it is (ditmodels)."""
+    import comfy.text_encoders.flux as flux
+    import transformers
+
+    from storykit.runner import ditmodels
+    if int(transformers.__version__.split(".")[0]) < 5:
+        flux.Flux2Tokenizer(tokenizer_data=ditmodels.tiny_tekken_tokenizer_data())
+    else:
+        with pytest.raises(TypeError, match="vocab_file"):
+            flux.Flux2Tokenizer(tokenizer_data=ditmodels.tiny_tekken_tokenizer_data())
+
+
+def test_flux2_samples_and_decodes_its_128_channel_latent(host):
+    """FLUX.2: the host's Flux2 class (4 RoPE axes, global modulation, patch 1) on EmptyFlux2LatentImage's latent, with
+    the tiny Mistral encoder's conditioning (3 hidden states stacked), text padded to 512 by the model."""
     import comfy.sample
     model, clip, vae = testmodels.tiny_models("flux2", 0)
-    assert isinstance(model.model, comfy.model_base.Flux2) and clip is None
     latent = _node_output(host.nodes.NODE_CLASS_MAPPINGS["EmptyFlux2LatentImage"], width=32, height=32,
                           batch_size=1)[0]["samples"]
     assert latent.shape == (1, 128, 2, 2) and vae.latent_channels == 128
-    context = torch.randn(1, 12, model.model.diffusion_model.txt_in.in_features, generator=torch.Generator().manual_seed(0))
+    tokens = clip.tokenize("a red fox")
+    context = clip.encode_from_tokens_scheduled(tokens)[0][0]
+    # every token (<s>, the system prompt, [INST] a red fox [/INST]): hidden states 10, 20 and 30 side by side
+    assert context.shape == (1, len(tokens["mistral3_24b"][0]), 3 * 64)
     cond = [[context, {"pooled_output": None, "guidance": 4.0}]]
     blocks = []
 

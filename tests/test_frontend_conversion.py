@@ -101,6 +101,14 @@ def test_1_58_fixtures_have_what_they_are_named_for(host):
     assert modes["ImageInvert"] == conv.MODE_BYPASS and modes["PreviewImage"] == conv.MODE_MUTED
     story = load(f"{NEWER}/story_prompt", "api")
     assert any(e["class_type"] == "StoryKitStoryPrompt" for e in story.values())
+    routed = load(f"{NEWER}/two_characters", "api")
+    sampler = next(i for i, e in routed.items() if e["class_type"] == "StoryKitStorySampler")
+    overlay = next(e for e in routed.values() if e["class_type"] == "StoryKitRoutingOverlay")
+    assert overlay["inputs"]["routing"] == [sampler, 1]
+    photo = load(f"{NEWER}/photo_reference", "api")
+    load_image = next(i for i, e in photo.items() if e["class_type"] == "LoadImage")
+    assert next(e for e in photo.values() if e["class_type"] == "StoryKitCharacterPhoto")["inputs"]["image"] == \
+        [load_image, 0]
 
 
 def test_widgets_read_by_name_where_1_58_saves_names(host):

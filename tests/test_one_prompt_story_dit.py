@@ -14,7 +14,7 @@ from storykit.runner import testmodels
 from .test_csa_dit import _apply, _canonical, _inputs, _spy
 from .test_one_prompt_story import expected_svr, result
 
-KINDS = ["flux", "chroma", "qwen_image", "z_image", "sd3"]
+KINDS = ["flux", "flux2", "chroma", "qwen_image", "z_image", "sd3"]
 IDENTITY = "a watercolor fox wearing a red scarf"
 FRAMES = ["reading a book, quietly", "(running:1.2) through snow!", "sleeping by the fire", "a fox waves hello"]
 
@@ -106,15 +106,18 @@ def test_svr_reweights_each_encoders_rows_and_nothing_else(host, kind):
         parts = mod.row_parts(story.encoder, story.tokens[j], raw[0].shape[1], raw[0].shape[2])
         want = raw[0][j].double().numpy().copy()
         touched = set()
-        for key, offset, (ch,) in parts:
+        for key, offset, slices in parts:
             sets = mod.ops.shift_sets(story.key_sets[key][j], offset)
-            want[:, ch] = expected_svr(want[:, ch], sets, [ch.stop - ch.start], k)
+            for ch in slices:   # one slice per encoder; FLUX.2: one per stacked Mistral hidden state
+                want[:, ch] = expected_svr(want[:, ch], sets, [ch.stop - ch.start], k)
             touched |= set(sets.express + sets.eot).union(*sets.suppress)
         np.testing.assert_allclose(svr[0][j].double().numpy(), want, rtol=2e-5, atol=2e-5)
         untouched = [i for i in range(raw[0].shape[1]) if i not in touched]
         assert torch.equal(svr[0][j][untouched], raw[0][j][untouched])
         if kind == "qwen_image":     # the template head is not in the output: row 0 is P0's first token
             assert parts[0][1] == -len(story.toks["qwen25_7b"].prefix)
+        if kind == "flux2":          # hidden states 10, 20 and 30 side by side: each reweighted on its own
+            assert [ch for _, _, slices in parts for ch in slices] == [slice(0, 64), slice(64, 128), slice(128, 192)]
     for key in ("pooled_output", "attention_mask"):
         if isinstance(raw[1].get(key), torch.Tensor):
             assert torch.equal(svr[1][key], raw[1][key]) and svr[1][key].shape[0] == len(FRAMES)
@@ -142,13 +145,14 @@ def test_ipca_bias_is_the_ln2_logit_bias_on_image_queries_and_text_is_untouched(
         q, k, v = call["args"][:3]
         heads = call["args"][3] if len(call["args"]) > 3 else call["kwargs"]["heads"]
         split = bool(call["kwargs"].get("skip_reshape"))
-        n_text, n_image = call["layout"][:2]
+        n_text, n_image, _ = call["layout"]
         if not call["selected"] or q.shape[2 if split else 1] < n_text + n_image or call["block"][0] == "refiner":
             assert torch.equal(call["out"], call["plain"])
             continue
         qc, kc, vc = (_canonical(t, split) for t in (q, k, v))
         image = slice(n_text, n_text + n_image)
-        offset = n_text - context.shape[1] if kind == "sd3" else 0      # SD3.5's register tokens lead the text
+        # SD3.5's register tokens lead the text; FLUX.2 pads the text in front to 512 rows (model_base.Flux2)
+        offset = n_text - context.shape[1] if kind in ("sd3", "flux2") else 0
         columns = [r + offset for r in identity.identity_rows]
         want = ops.ipca_bias_reference(qc[:, image], kc, vc, heads, columns)
         torch.testing.assert_close(call["out"][:, image].double(), want, atol=2e-5, rtol=1e-4)
@@ -180,7 +184,7 @@ def test_ipca_exact_path_appends_p0_alone_and_keeps_text_queries_apart(host, kin
     for call in seen:
         q, k, v = call["args"][:3]
         heads = call["args"][3]
-        n_text, n_image = call["layout"][:2]
+        n_text, n_image, _ = call["layout"]
         assert n_text == n_ctx + n0                         # P0 alone rides as extra text rows
         qc, kc, vc = (_canonical(t, True) for t in (q, k, v))
         img = slice(n_text, n_text + n_image)
@@ -197,7 +201,7 @@ def test_ipca_exact_path_appends_p0_alone_and_keeps_text_queries_apart(host, kin
     assert checked == len(seen) >= 2
 
 
-@pytest.mark.parametrize("kind", ["flux", "qwen_image"])
+@pytest.mark.parametrize("kind", ["flux", "flux2", "qwen_image"])
 def test_ipca_leaves_uncond_rows_and_causal_exact_is_the_bias(host, kind):
     model, identity, x, context, extra = _story_inputs(kind)
     bias = ipca(model, identity)

@@ -140,7 +140,8 @@ def test_photo_reference_enters_every_step_noised_and_writes_the_bank(node_class
     from storykit.kernels import layout
     x, sigmas = inputs[0]
     pixels = layout.cover_resize(photo[0], 64, 64)[None]
-    encoded = patched.model.process_latent_in(vae.encode(pixels))
+    with torch.no_grad():
+        encoded = patched.model.process_latent_in(vae.encode(pixels))
     noise = comfy.sample.prepare_noise(encoded, (3 + 1_000_003) % 2 ** 64)
     sampling = patched.get_model_object("model_sampling")
     sigma = sigmas[:1]

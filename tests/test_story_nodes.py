@@ -45,6 +45,25 @@ def test_story_prompt_sdxl_has_pooled_per_frame(node_class, tiny_sdxl):
     assert cond.shape == (6, 77, 2048) and extra["pooled_output"].shape == (6, 1280)
 
 
+def test_story_prompt_pads_flux2_frames_with_mistrals_pad_token_as_the_host_pads(node_class, host):
+    """FLUX.2's Mistral encoder: every frame padded to the longest with the host's own padding (tokenizer option
+    mistral3_24b_min_length: pad 11, on the left), each row the host's encoding of that, and pooled_output None
+    as CLIPTextEncode gives it (FLUX models read the key)."""
+    from storykit.runner import testmodels
+    clip = testmodels.tiny_models("flux2", 0)[1]
+    positive, _, plan, _ = _prompt(node_class, clip)
+    cond, extra = positive[0]
+    assert "pooled_output" in extra and extra["pooled_output"] is None
+    lengths = [len(clip.tokenize(f.prompt)["mistral3_24b"][0]) for f in plan.frames]
+    assert len(set(lengths)) > 1 and cond.shape == (len(plan.frames), max(lengths), 3 * 64)
+    for row, frame in zip(cond, plan.frames, strict=True):
+        tokens = clip.tokenize(frame.prompt, tokenizer_options={"mistral3_24b_min_length": max(lengths)})
+        ids = [t[0] for t in tokens["mistral3_24b"][0]]
+        pads = max(lengths) - len(clip.tokenize(frame.prompt)["mistral3_24b"][0])
+        assert ids[:pads] == [11] * pads and ids[pads] == 1      # <pad>s, then <s>
+        torch.testing.assert_close(row, clip.encode_from_tokens(tokens)[0])
+
+
 def test_story_prompt_too_many_tokens(node_class, tiny_sd15):
     story = "[Mia] " + "very " * 300 + "tall\n[Mia] waves"
     with pytest.raises(ValueError, match=r"line 2: the prompt is longer than 225 tokens.*shorten"):

@@ -116,3 +116,44 @@ def test_other_requests_are_answered_while_a_story_is_parsed(host, monkeypatch):
 
     ping_seconds, ping_first, answer = _serve(routes, scenario)
     assert ping_first and ping_seconds < 2 and answer["ok"] and len(answer["frames"]) == 2000
+
+
+def test_preview_shows_places_and_each_characters_mask_source(host):
+    """Places by name, and per character where its mask comes from: a Character Mask node fed by the story, a
+    box (story or Identity Routing layout), or attention where a frame has several characters."""
+    routes = importlib.import_module("storykit.nodes.story_routes")
+    story = ("[Lena] a woman\n[Bob] a man\n[Lena] reads\n[Bob] cooks\n[Lena@left] and [Bob@0.5,0,1,1] talk\n"
+             "[Lena] and [Bob] walk\n[Lena] and [Bob] sleep")
+    plain = routes.preview({"story": story, "references_per_character": 1})
+    assert plain["frames"][2]["place_names"] == {"Lena": "left", "Bob": "right"} and "sources" not in plain["frames"][2]
+    graph = {"masks": [{"id": 7, "character": "bob", "frames": "4"}],
+             "photos": [{"id": 8, "character": "Lena", "use": "photo only"}],
+             "routing": [{"id": 9, "mode": "auto", "layout": "5: [Lena@top]"}]}
+    out = routes.preview({"story": story, "references_per_character": 1, "graph": graph})
+    assert out["ok"] and out["graph_errors"] == [] and out["photos"] == [{"character": "Lena", "use": "photo only"}]
+    assert [f["sources"] for f in out["frames"]] == [
+        {}, {}, {"Lena": "box", "Bob": "box"}, {"Lena": "auto (attention)", "Bob": "mask"},
+        {"Lena": "box", "Bob": "auto (attention)"}]
+    assert out["frames"][4]["place_names"] == {"Lena": "top"}
+    assert [f["reference"] for f in out["frames"]] == [False, True, False, False, False]  # Lena reads her photo
+    off = routes.preview({"story": story, "graph": {"routing": [{"id": 9, "mode": "off", "layout": ""}]},
+                          "references_per_character": 1})
+    assert off["routing_mode"] == "off" and all(f["sources"] == {} for f in off["frames"])
+
+
+def test_preview_shows_what_the_graphs_nodes_would_refuse(host):
+    routes = importlib.import_module("storykit.nodes.story_routes")
+    story = "[Lena] a woman\n[Bob] a man\n[Lena] reads\n[Bob] cooks\n[Lena] and [Bob] talk"
+    graph = {"masks": [{"id": 7, "character": "Zed", "frames": ""}, {"id": 3, "character": "Bob", "frames": "1"}],
+             "photos": [{"id": 8, "character": "", "use": "photo only"}],
+             "routing": [{"id": 9, "mode": "auto", "layout": "3: [Lena@left-ish]"}]}
+    out = routes.preview({"story": story, "references_per_character": 1, "graph": graph})
+    assert out["ok"], out  # the story itself is fine: the frames still show, the errors beside them
+    errors = out["graph_errors"]
+    assert len(errors) == 4, errors
+    assert any("Identity Routing #9: layout line 1" in e and "not a place" in e for e in errors)
+    assert any("Character Mask #7" in e and "'Zed'" in e and "characters: Lena, Bob" in e for e in errors)
+    assert any("Character Mask #3" in e and "frame 1" in e and "does not show [Bob]" in e for e in errors)
+    assert any("Character Photo #8" in e for e in errors)
+    bad = routes.preview({"story": story.replace("[Lena] and", "[Lena@nowhere] and"), "graph": graph})
+    assert not bad["ok"] and "nowhere" in bad["error"]  # a place error in the story: the preview's own error

@@ -165,6 +165,19 @@ const BUILDERS = {
     await app.loadGraphData(await res.json());
   },
 
+  // The identity-routing workflows as the template browser opens them: Identity Routing, Routing Overlay fed by the
+  // Story Sampler's second output; LoadImage (the example photo in the input folder) -> Character Photo.
+  two_characters: async () => {
+    const res = await fetch('/api/workflow_templates/storykit/storykit_two_characters.json');
+    if (!res.ok) throw new Error(`template not served: ${res.status}`);
+    await app.loadGraphData(await res.json());
+  },
+  photo_reference: async () => {
+    const res = await fetch('/api/workflow_templates/storykit/storykit_photo_reference.json');
+    if (!res.ok) throw new Error(`template not served: ${res.status}`);
+    await app.loadGraphData(await res.json());
+  },
+
   // What a user gets by bypassing or unplugging the node that drives a widget: the widget's own value is used.
   bypass_fallback: async (h) => {
     const { latent } = h.pipeline();

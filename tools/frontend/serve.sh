@@ -23,7 +23,12 @@ touch "$FE_DIR/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors" \
       "$FE_DIR/models/diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors" \
       "$FE_DIR/models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors" \
       "$FE_DIR/models/vae/wan_2.1_vae.safetensors" \
-      "$FE_DIR/models/clip_vision/clip_vision_h.safetensors"
+      "$FE_DIR/models/clip_vision/clip_vision_h.safetensors" \
+      "$FE_DIR"/models/diffusion_models/{flux1-dev,flux2_dev_fp8mixed,qwen_image_fp8_e4m3fn,z_image_turbo_bf16}.safetensors \
+      "$FE_DIR"/models/text_encoders/{clip_l,t5xxl_fp16,mistral_3_small_flux2_bf16,qwen_2.5_vl_7b_fp8_scaled,qwen_3_4b}.safetensors \
+      "$FE_DIR"/models/vae/{ae,full_encoder_small_decoder,qwen_image_vae}.safetensors
+# The photo workflows' LoadImage names the example photo: put it in the input folder, as a user would.
+cp "$repo/data/photos/storykit_example_photo.jpg" "$FE_DIR/in/"
 cat > "$FE_DIR/extra_model_paths.yaml" <<YAML
 storykit_frontend:
     base_path: $FE_DIR
