@@ -400,6 +400,9 @@ class JointAttention:
                             "(unpad the text or give every frame one text length)", self.family.name, block)
             return run(*args, **kwargs)
         q, k, v = args[:3]
+        if not kwargs.get("skip_reshape") and v.ndim == 4:  # SD3.5 hands v as [B, L, heads, D], q and k flat
+            v = v.reshape(v.shape[0], v.shape[1], -1)
+            args = (q, k, v, *args[3:])
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         split = bool(kwargs.get("skip_reshape"))  # [B, heads, L, D]; else [B, L, heads * D]
         axis = 2 if split else 1

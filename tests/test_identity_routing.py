@@ -268,9 +268,9 @@ def test_photo_without_mask_takes_an_automatic_mask_or_warns_and_shares_plainly(
         assert not warned and {0, 1} <= labels <= {1, 0, ident.UNKNOWN}  # hers and background
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "qwen_image", "z_image"])
+@pytest.mark.parametrize("kind", ["sdxl", "qwen_image", "z_image", "chroma", "sd3"])
 def test_every_family_routes_the_meeting_frame_by_automatic_masks(kind, node_class, host):
-    """Other families' sites (SDXL attn2; Qwen-Image's template-cut rows, Z-Image's padded caption in joint
-    attention) route the two-character frame by both characters' automatic masks. (Chroma and SD3.5 are left out:
-    their Story Sampler runs fail on the tiny models before any mask is made, with or without routing.)"""
+    """Other families' sites (SDXL attn2; Qwen-Image's template-cut rows, Z-Image's padded caption, Chroma, SD3.5's
+    register tokens and its [B, L, heads, D] values in joint attention) route the two-character frame by both
+    characters' automatic masks."""
     test_story_sampler_routes_the_meeting_frame_by_automatic_masks(kind, node_class, host)
