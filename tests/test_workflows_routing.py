@@ -94,8 +94,10 @@ def test_routing_workflow_runs_headless(host, run_workflow, routed, name, painte
     if painted:  # its tokens inside the painted mask went to the bank labelled as [Max] (1), the rest background
         assert all(w == {0, 1} for w in routed["written"]), routed["written"]
         assert routed["read"] and all(r <= {0, 1} for r in routed["read"])
-    else:  # no mask: automatic (attention maps) where the story gives the description's tokens, else plain
-        assert all(w is None or w <= {0, 1} for w in routed["written"]), routed["written"]
+    else:  # no mask: the automatic mask, from the attention maps of the steps before (unknown, -1, until then)
+        assert all(w is not None and w <= {-1, 0, 1} for w in routed["written"]), routed["written"]
+        assert routed["written"][0] == {-1}  # the first step has no map yet: the photo's tokens are not shared
+        assert any(1 in w for w in routed["written"]), routed["written"]  # later steps: [Max]'s masked tokens
 
 
 def test_photo_workflow_tells_the_user_to_load_their_photo():
