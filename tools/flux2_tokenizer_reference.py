@@ -2,9 +2,10 @@
 (comfy.text_encoders.flux.Flux2Tokenizer, tokenizer_data["tekken_model"] as a text-encoder file hands it over) gives
 for the tiny tekken vocabulary of runner/ditmodels.py. The host's converter call needs transformers 4, so run it with
 transformers 4 ahead of the host venv's transformers 5 (the venv itself stays as it is):
+(TF4_DIR: any empty folder, e.g. TF4_DIR=$(mktemp -d))
 
-    python -m pip install --no-deps --target /tmp/tf4 transformers==4.57.3 tokenizers==0.22.1 huggingface-hub==0.36.0
-    PYTHONPATH=/tmp/tf4 bash tools/storykit.sh python tools/flux2_tokenizer_reference.py
+    python -m pip install --no-deps --target "$TF4_DIR" transformers==4.57.3 tokenizers==0.22.1 huggingface-hub==0.36.0
+    PYTHONPATH="$TF4_DIR" bash tools/storykit.sh python tools/flux2_tokenizer_reference.py
 
 tests/test_dit_models.py checks the tiny FLUX.2 CLIP (transformers 5) against these ids.
 """
