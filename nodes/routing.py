@@ -86,8 +86,7 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, where: str) -> torch.T
                          "(another aspect ratio); paint or crop the mask at the frames' size")
     log.info("%s: the %dx%d mask is resized to the frames' %dx%d", where, mask.shape[1], mask.shape[0], width,
              height)
-    return torch.nn.functional.interpolate(mask[None, None].float(), size=(height, width), mode="bilinear",
-                                           align_corners=False)[0, 0]
+    return ident.resize(mask, (height, width))
 
 
 def prepare(plan: story_plan.StoryPlan, latent_shape, ratio: int) -> Prepared:
